@@ -1,0 +1,64 @@
+"""The dynamic sparse matmul op: y = lhs @ W with W's pattern a runtime tensor.
+
+Loads `libsparse_matmul_ops.so` (built by `make -j`) and registers its
+gradients. The pattern and values are ordinary tensors (usually variables), so
+assigning a new pattern of the same capacity never re-traces a tf.function.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tensorflow as tf
+
+from ipu_sparse_ops.sparse import MatmulSpec, Representation
+
+_LIBRARY_PATH = Path(__file__).with_name("libsparse_matmul_ops.so")
+if not _LIBRARY_PATH.exists():
+    raise ImportError(f"{_LIBRARY_PATH} is missing: run `make -j` in the repository root first")
+_ops = tf.load_op_library(str(_LIBRARY_PATH))
+
+
+def dense_grad_anchor(spec: MatmulSpec) -> tf.Tensor:
+    """A zero tensor whose gradient, through `sparse_matmul`, is the dense gradient."""
+    return tf.zeros(spec.dense_grad_shape, dtype=spec.data_type_tf)
+
+
+def sparse_matmul(lhs, representation: Representation, spec: MatmulSpec,
+                  compute_dense_grad=False, dense_grad_anchor=None) -> tf.Tensor:
+    """lhs [batch, input_size] @ W -> [batch, output_size].
+
+    Differentiable with respect to `lhs` and `representation.nz_values`. For the
+    dense gradient dL/dW ([input_size, output_size], or for pooling SUM/AVG/MAX
+    the pool of |dL/dW| over each block, [input_blocks, output_blocks]) pass a
+    `dense_grad_anchor` of that shape (its value is never read) and take the
+    gradient with respect to it. `compute_dense_grad` may be a bool tensor: the
+    gradient is computed only when it is true at run time, else it is zeros, so
+    switching it never re-traces.
+    """
+    dtype = spec.data_type_tf
+    lhs = tf.convert_to_tensor(lhs, dtype=dtype)
+    if lhs.shape.rank != 2 or lhs.shape[1] != spec.input_size:
+        raise ValueError(f"lhs must be [batch, {spec.input_size}], got {lhs.shape}")
+    if dense_grad_anchor is None:
+        dense_grad_anchor = tf.zeros((0, 0), dtype=dtype)
+    return _ops.ipu_sparse_matmul(
+        lhs, representation.metainfo, representation.nz_values, dense_grad_anchor,
+        tf.convert_to_tensor(compute_dense_grad, dtype=tf.bool),
+        pooling_type=spec.pooling_type)
+
+
+@tf.RegisterGradient("IpuSparseMatmul")
+def _sparse_matmul_grad(op, grad):
+    lhs, metainfo, nz_values, anchor, compute = op.inputs
+    block_size = nz_values.shape[1]
+    grad_lhs = _ops.ipu_sparse_matmul_grad_input(
+        grad, metainfo, nz_values, input_size=lhs.shape[1])
+    grad_values = _ops.ipu_sparse_matmul_grad_values(
+        lhs, grad, metainfo, block_size=block_size)
+    grad_anchor = None
+    if anchor.shape.num_elements() != 0:
+        grad_anchor = _ops.ipu_sparse_matmul_dense_grad(
+            lhs, grad, compute, block_size=block_size,
+            pooling_type=op.get_attr("pooling_type").decode())
+    return grad_lhs, None, grad_values, grad_anchor, None

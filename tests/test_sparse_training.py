@@ -1,0 +1,308 @@
+"""Tests for the Rig-L host logic: expected values are worked out by hand or by a
+brute-force reference written independently below, never taken from the code."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ipu_sparse_ops.sparse import Triplets
+from ipu_sparse_ops.sparse_training import (
+    UpdateSchedule, constant_prune_count, cosine_prune_count, follow_pattern, prune,
+    prune_and_regrow, prune_schedule)
+
+
+def element_triplets():
+    # 3x4 weight; connected: (0,1) (0,3) (1,0) (2,2) (2,3).
+    return Triplets(np.array([0, 0, 1, 2, 2]), np.array([1, 3, 0, 2, 3]),
+                    np.array([0.5, -0.1, 0.3, -0.1, 2.0], dtype=np.float32))
+
+
+def assert_triplets_equal(actual, rows, cols, values):
+    np.testing.assert_array_equal(actual.row_indices, rows)
+    np.testing.assert_array_equal(actual.col_indices, cols)
+    np.testing.assert_array_equal(actual.values, np.asarray(values, dtype=actual.values.dtype))
+
+
+@pytest.mark.parametrize("k, expected_kept", [
+    (0, [0, 1, 2, 3, 4]),
+    (1, [0, 2, 3, 4]),  # |-0.1| ties at 1 and 3: the earlier one goes first
+    (2, [0, 2, 4]),
+    (3, [0, 4]),
+    (5, []),
+])
+def test_prune_drops_smallest_magnitudes(k, expected_kept):
+    np.testing.assert_array_equal(prune(element_triplets(), k), expected_kept)
+
+
+def test_prune_ranks_blocks_by_sum_of_magnitudes():
+    # Signed sums 0, 1, -3; max |w| 0.4, 1, 3; sums of |w| 1.6, 1, 3.
+    # Only the sum of |w| prunes block 1 first and then block 0.
+    blocks = np.array([[[0.4, -0.4], [0.4, -0.4]],
+                       [[1.0, 0.0], [0.0, 0.0]],
+                       [[-3.0, 0.0], [0.0, 0.0]]], dtype=np.float32)
+    triplets = Triplets(np.array([0, 1, 1]), np.array([0, 0, 1]), blocks)
+    np.testing.assert_array_equal(prune(triplets, 1), [0, 2])
+    np.testing.assert_array_equal(prune(triplets, 2), [2])
+
+
+def test_rigl_regrow_elementwise_skips_previously_connected():
+    # The largest |grad| sit on connected positions, including (0,3) and (2,2),
+    # which this update prunes: none of them may be grown.
+    grad = np.array([[0.0, 9.0, -0.2, 8.0],
+                     [7.0, -0.7, 0.0, 0.3],
+                     [0.6, 0.05, 9.5, 1.0]], dtype=np.float32)
+    new, kept_from = prune_and_regrow(element_triplets(), 2, "rigl", shape=(3, 4), grad=grad)
+    assert_triplets_equal(new, [0, 1, 2, 1, 2], [1, 0, 3, 1, 0], [0.5, 0.3, 2.0, 0.0, 0.0])
+    assert new.values.dtype == np.float32
+    np.testing.assert_array_equal(kept_from, [0, 2, 4, -1, -1])
+
+
+def test_rigl_regrow_ties_go_by_row_major_position():
+    new, _ = prune_and_regrow(element_triplets(), 2, "rigl", shape=(3, 4), grad=np.ones((3, 4)))
+    # The first unconnected positions in row-major order are (0,0) and (0,2).
+    np.testing.assert_array_equal(new.row_indices[-2:], [0, 0])
+    np.testing.assert_array_equal(new.col_indices[-2:], [0, 2])
+
+
+def test_rigl_regrow_blocks_with_pooled_gradient():
+    bs = 2
+    blocks = np.stack([np.ones((bs, bs)), np.diag([0.1, 0.0])]).astype(np.float32)
+    triplets = Triplets(np.array([0, 1]), np.array([0, 2]), blocks)
+    # Pooled over 2x3 blocks: (1,2) has the largest score but was connected.
+    pooled = np.array([[5.0, 1.0, 2.0],
+                       [3.0, 0.5, 9.0]], dtype=np.float32)
+    new, kept_from = prune_and_regrow(triplets, 1, "rigl", shape=(2, 3), grad=pooled)
+    assert_triplets_equal(new, [0, 1], [0, 0], np.stack([np.ones((bs, bs)), np.zeros((bs, bs))]))
+    np.testing.assert_array_equal(kept_from, [0, -1])
+
+
+def reference_update(rows, cols, values, k, grad):
+    """Brute force, pure Python: sort (magnitude, position) and (-|grad|, row, col)."""
+    magnitude = [float(np.abs(v).sum()) for v in values]
+    pruned = set(sorted(range(len(values)), key=lambda i: (magnitude[i], i))[:k])
+    kept = [i for i in range(len(values)) if i not in pruned]
+    connected = set(zip(rows.tolist(), cols.tolist()))
+    free = [(r, c) for r in range(grad.shape[0]) for c in range(grad.shape[1])
+            if (r, c) not in connected]
+    grown = sorted(free, key=lambda rc: (-abs(grad[rc]), rc))[:k]
+    return kept, grown
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("seed", range(5))
+def test_rigl_matches_brute_force_reference(block_size, seed):
+    rng = np.random.default_rng(seed)
+    shape = (7, 9)
+    nnz, k = 20, 8
+    flat = rng.choice(shape[0] * shape[1], nnz, replace=False)
+    rows, cols = np.divmod(flat, shape[1])
+    value_shape = (nnz,) if block_size == 1 else (nnz, block_size, block_size)
+    # Small integers so that magnitudes and gradients tie often.
+    values = rng.integers(-2, 3, value_shape).astype(np.float32)
+    grad = rng.integers(-3, 4, shape).astype(np.float32)
+
+    new, kept_from = prune_and_regrow(Triplets(rows, cols, values), k, "rigl",
+                                      shape=shape, grad=grad)
+
+    kept, grown = reference_update(rows, cols, values, k, grad)
+    np.testing.assert_array_equal(kept_from, kept + [-1] * k)
+    np.testing.assert_array_equal(new.row_indices, [rows[i] for i in kept] + [r for r, _ in grown])
+    np.testing.assert_array_equal(new.col_indices, [cols[i] for i in kept] + [c for _, c in grown])
+    np.testing.assert_array_equal(new.values[:nnz - k], values[kept])
+    assert not new.values[nnz - k:].any()
+
+
+def test_random_regrow_grows_zeros_on_unconnected_positions():
+    rng = np.random.default_rng(0)
+    shape, nnz, k = (6, 5), 10, 4
+    flat = rng.choice(30, nnz, replace=False)
+    rows, cols = np.divmod(flat, 5)
+    values = rng.normal(size=nnz).astype(np.float32)
+    triplets = Triplets(rows, cols, values)
+
+    new, kept_from = prune_and_regrow(triplets, k, "random", shape=shape,
+                                      rng=np.random.default_rng(42))
+
+    assert len(new.values) == nnz
+    old = set(zip(rows.tolist(), cols.tolist()))
+    grown = list(zip(new.row_indices[-k:].tolist(), new.col_indices[-k:].tolist()))
+    assert len(set(grown)) == k
+    assert not old & set(grown)
+    np.testing.assert_array_equal(new.values[-k:], np.zeros(k))
+    kept = sorted(np.argsort(np.abs(values))[k:])  # no ties among normal samples
+    np.testing.assert_array_equal(kept_from, kept + [-1] * k)
+    np.testing.assert_array_equal(new.values[:-k], values[kept])
+
+    again, _ = prune_and_regrow(triplets, k, "random", shape=shape, rng=np.random.default_rng(42))
+    assert_triplets_equal(again, new.row_indices, new.col_indices, new.values)
+
+
+def test_random_regrow_is_uniform_over_unconnected_positions():
+    # 2x3 with (0,0) and (1,2) connected; pruning (1,2) leaves 4 candidates.
+    triplets = Triplets(np.array([0, 1]), np.array([0, 2]), np.array([1.0, 0.1]))
+    rng = np.random.default_rng(7)
+    counts = {}
+    trials = 4000
+    for _ in range(trials):
+        new, _ = prune_and_regrow(triplets, 1, "random", shape=(2, 3), rng=rng)
+        position = (int(new.row_indices[-1]), int(new.col_indices[-1]))
+        counts[position] = counts.get(position, 0) + 1
+    assert set(counts) == {(0, 1), (0, 2), (1, 0), (1, 1)}
+    # Each is Binomial(4000, 1/4): mean 1000, sd about 27.
+    assert all(abs(n - trials / 4) < 150 for n in counts.values())
+
+
+def test_zero_prune_count_keeps_the_pattern():
+    triplets = element_triplets()
+    new, kept_from = prune_and_regrow(triplets, 0, "rigl", shape=(3, 4), grad=np.ones((3, 4)))
+    assert_triplets_equal(new, triplets.row_indices, triplets.col_indices, triplets.values)
+    np.testing.assert_array_equal(kept_from, range(5))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_gradient_raises(bad):
+    grad = np.ones((3, 4))
+    grad[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        prune_and_regrow(element_triplets(), 1, "rigl", shape=(3, 4), grad=grad)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(regrow="rigl", grad=np.ones((4, 3))),  # transposed gradient
+    dict(regrow="rigl"),  # no gradient
+    dict(regrow="random"),  # no generator
+    dict(regrow="magnitude", grad=np.ones((3, 4))),
+])
+def test_bad_regrow_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        prune_and_regrow(element_triplets(), 1, shape=(3, 4), **kwargs)
+
+
+@pytest.mark.parametrize("k", [-1, 6])
+def test_prune_count_out_of_range_raises(k):
+    with pytest.raises(ValueError, match="prune count"):
+        prune_and_regrow(element_triplets(), k, "rigl", shape=(3, 4), grad=np.ones((3, 4)))
+
+
+def test_prune_count_must_be_an_integer():
+    with pytest.raises(TypeError):
+        prune_and_regrow(element_triplets(), 1.5, "rigl", shape=(3, 4), grad=np.ones((3, 4)))
+
+
+def test_too_few_unconnected_positions_raises():
+    # 2x2 with 3 connected: only one free position, so 2 cannot be grown.
+    triplets = Triplets(np.array([0, 0, 1]), np.array([0, 1, 0]), np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="only 1 of the 4"):
+        prune_and_regrow(triplets, 2, "rigl", shape=(2, 2), grad=np.ones((2, 2)))
+
+
+def test_malformed_triplets_raise():
+    duplicated = Triplets(np.array([0, 0]), np.array([1, 1]), np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="more than once"):
+        prune_and_regrow(duplicated, 1, "rigl", shape=(3, 4), grad=np.ones((3, 4)))
+    out_of_range = Triplets(np.array([3]), np.array([0]), np.array([1.0]))
+    with pytest.raises(ValueError):
+        prune_and_regrow(out_of_range, 1, "rigl", shape=(3, 4), grad=np.ones((3, 4)))
+
+
+@pytest.mark.parametrize("value_shape", [(), (2, 2)])
+def test_follow_pattern_keeps_kept_slots_and_zeros_new(value_shape):
+    slot = np.stack([np.full(value_shape, v, dtype=np.float32) for v in (1, 2, 3, 4)])
+    aligned = follow_pattern(slot, np.array([2, -1, 0, -1]))
+    expected = np.stack([np.full(value_shape, 3.0), np.zeros(value_shape),
+                         np.full(value_shape, 1.0), np.zeros(value_shape)])
+    np.testing.assert_array_equal(aligned, expected)
+    assert aligned.dtype == slot.dtype
+
+
+@pytest.mark.parametrize("t, expected", [(0, 5), (1, 5), (2, 3), (3, 1), (4, 0)])
+def test_cosine_schedule_hand_values(t, expected):
+    # max_prune = ceil(0.5 * 10) = 5; 0.5 * 5 * (1 + cos(t pi / 4)) is
+    # 5, 4.268, 2.5, 0.732, 0.
+    assert cosine_prune_count(t, 4, 0.5, 10) == expected
+    assert cosine_prune_count(t, 4, 0.5, 10, zero_steps=0, phase_delay=0.0, period=1.0) == expected
+
+
+def test_schedules_are_not_fooled_by_rounding():
+    # Integers in real arithmetic that floating point puts a hair above:
+    # 0.07 * 100 = 7.000000000000001 and 0.5 * 4 * (1 + cos(2 pi / 3)) = 1.0000000000000004.
+    assert constant_prune_count(0, 10, 0.07, 100) == 7
+    assert cosine_prune_count(0, 10, 0.07, 100) == 7
+    assert cosine_prune_count(2, 3, 1.0, 4) == 1
+
+
+@pytest.mark.parametrize("t, expected", [
+    (0, 2),  # angle pi/2: 2 * (1 + 0) = 2
+    (2, 2),  # 5pi/8: 2 * 0.6173 = 1.235
+    (4, 1),  # 3pi/4: 2 * 0.2929 = 0.586
+    (7, 1),  # 15pi/16: 2 * 0.0192 = 0.038
+    (8, 0), (9, 0), (10, 0),  # the last zero_steps updates
+])
+def test_general_cosine_schedule_hand_values(t, expected):
+    # T=10, zero_steps=2, so angle = pi * (0.5 + 0.5 * t / 8); max_prune = 4.
+    assert cosine_prune_count(t, 10, 0.5, 8, zero_steps=2, phase_delay=0.5, period=0.5) == expected
+
+
+@pytest.mark.parametrize("t, expected", [
+    (0, 4),  # angle 0: 2 * 2 = 4
+    (2, 4),  # pi/4: 2 * 1.7071 = 3.414
+    (3, 3),  # 3pi/8: 2 * 1.3827 = 2.765
+    (4, 0), (5, 0),  # zero steps, although the cosine alone would give 2 at t=4
+])
+def test_half_period_cosine_schedule_hand_values(t, expected):
+    # T=6, zero_steps=2, angle = pi * 0.5 * t / 4; max_prune = ceil(0.5 * 8) = 4.
+    assert cosine_prune_count(t, 6, 0.5, 8, zero_steps=2, period=0.5) == expected
+
+
+@pytest.mark.parametrize("T, zero_steps", [(5, 0), (7, 3), (12, 4)])
+def test_zero_steps_compresses_the_base_schedule(T, zero_steps):
+    for t in range(T + 1):
+        expected = cosine_prune_count(t, T - zero_steps, 0.3, 97) if t < T - zero_steps else 0
+        assert cosine_prune_count(t, T, 0.3, 97, zero_steps=zero_steps) == expected
+
+
+def test_base_schedule_matches_formula_on_a_grid():
+    # Away from exact integers, the plain formula and the schedule agree.
+    for T in (3, 7, 50):
+        for t in range(T + 1):
+            for ratio, nnz in ((0.3, 97), (0.5, 1000), (1.0, 13)):
+                value = 0.5 * math.ceil(ratio * nnz) * (1 + math.cos(t * math.pi / T))
+                if abs(value - round(value)) > 1e-6:
+                    assert cosine_prune_count(t, T, ratio, nnz) == math.ceil(value)
+
+
+def test_constant_schedule():
+    assert [constant_prune_count(t, 4, 0.25, 10) for t in range(5)] == [3] * 5
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((5, 4, 0.5, 10), {}),  # t > T
+    ((0, 0, 0.5, 10), {}),  # T < 1
+    ((0, 4, 1.5, 10), {}),
+    ((0, 4, 0.5, -1), {}),
+    ((0, 4, 0.5, 10), {"zero_steps": 5}),
+])
+def test_schedule_arguments_are_checked(args, kwargs):
+    with pytest.raises(ValueError):
+        cosine_prune_count(*args, **kwargs)
+
+
+def test_prune_schedule_factory():
+    cosine = prune_schedule("cosine", zero_steps=2, phase_delay=0.5, period=0.5)
+    assert [cosine(t, 10, 0.5, 8) for t in (0, 4, 8)] == [2, 1, 0]
+    assert prune_schedule("constant")(1, 4, 0.25, 10) == 3
+    with pytest.raises(ValueError, match="unknown prune schedule"):
+        prune_schedule("linear")
+    with pytest.raises(TypeError):
+        prune_schedule("constant", zero_steps=2)
+
+
+def test_update_schedule_steps():
+    schedule = UpdateSchedule(interval=3, num_updates=2, begin_step=1)
+    assert [step for step in range(12) if schedule.is_update_step(step)] == [4, 7]
+    assert [schedule.update_index(4), schedule.update_index(7)] == [0, 1]
+    with pytest.raises(ValueError):
+        schedule.update_index(5)
+    with pytest.raises(ValueError):
+        UpdateSchedule(interval=0, num_updates=2)
