@@ -7,9 +7,11 @@ assigning a new pattern of the same capacity never re-traces a tf.function.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import tensorflow as tf
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of tool output
+import tensorflow as tf  # noqa: E402
 
 from ipu_sparse_ops.sparse import MatmulSpec, Representation
 
@@ -45,7 +47,7 @@ def sparse_matmul(lhs, representation: Representation, spec: MatmulSpec,
     return _ops.ipu_sparse_matmul(
         lhs, representation.metainfo, representation.nz_values, dense_grad_anchor,
         tf.convert_to_tensor(compute_dense_grad, dtype=tf.bool),
-        pooling_type=spec.pooling_type)
+        output_size=spec.output_size, pooling_type=spec.pooling_type)
 
 
 @tf.RegisterGradient("IpuSparseMatmul")

@@ -105,6 +105,7 @@ template <typename T>
 class SparseMatmulOp : public OpKernel {
  public:
   explicit SparseMatmulOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("output_size", &output_size_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("pooling_type", &pooling_type_));
   }
 
@@ -121,12 +122,8 @@ class SparseMatmulOp : public OpKernel {
                 InvalidArgument("compute_dense_grad must be a scalar"));
     const int64_t capacity = values.dim_size(0);
     const int64_t block_size = values.dim_size(1);
-    const int64_t output_blocks = metainfo.NumElements() - capacity - 1;
-    OP_REQUIRES(ctx, metainfo.dims() == 1 && output_blocks >= 1,
-                InvalidArgument("metainfo of shape ", metainfo.shape().DebugString(),
-                                " is too short for capacity ", capacity));
     const int64_t input_size = lhs.dim_size(1);
-    const int64_t output_size = output_blocks * block_size;
+    const int64_t output_size = output_size_;
     BlockPattern pattern;
     ParsePattern(ctx, metainfo, capacity, block_size, input_size, output_size, &pattern);
     if (!ctx->status().ok()) return;
@@ -152,6 +149,7 @@ class SparseMatmulOp : public OpKernel {
   }
 
  private:
+  int64_t output_size_;
   std::string pooling_type_;
 };
 
@@ -265,7 +263,9 @@ class SparseMatmulDenseGradOp : public OpKernel {
     OP_REQUIRES(ctx, rows % block_size_ == 0 && cols % block_size_ == 0,
                 InvalidArgument("input size ", rows, " and output size ", cols,
                                 " must be multiples of the block size ", block_size_));
-    const int64_t pool = pooling_ == Pooling::kNone ? 1 : block_size_;
+    // Pooling applies for block size 1 too: it then returns |dL/dW|.
+    const bool pooled = pooling_ != Pooling::kNone;
+    const int64_t pool = pooled ? block_size_ : 1;
     Tensor* output = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {rows / pool, cols / pool}, &output));
     if (!compute.scalar<bool>()()) {
@@ -279,9 +279,9 @@ class SparseMatmulDenseGradOp : public OpKernel {
     const float* grad_data = nullptr;
     OP_REQUIRES_OK(ctx, FloatData<T>(ctx, grad, &grad_scratch, &grad_data));
     FloatOutput<T> out(ctx, output);
-    if (pool != 1) OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, {rows, cols}, &dense));
+    if (pooled) OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, {rows, cols}, &dense));
     if (!ctx->status().ok()) return;
-    float* dense_data = pool == 1 ? out.data() : dense.flat<float>().data();
+    float* dense_data = pooled ? dense.flat<float>().data() : out.data();
 
     using Matrix = Eigen::TensorMap<Eigen::Tensor<const float, 2, Eigen::RowMajor>>;
     const Matrix x(lhs_data, lhs.dim_size(0), rows);
@@ -290,7 +290,7 @@ class SparseMatmulDenseGradOp : public OpKernel {
     const Eigen::array<Eigen::IndexPair<Eigen::DenseIndex>, 1> batch_dim = {
         Eigen::IndexPair<Eigen::DenseIndex>(0, 0)};
     dw.device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) = x.contract(dy, batch_dim);
-    if (pool != 1) {
+    if (pooled) {
       PoolAbsBlocks(dense_data, rows, cols, block_size_, pooling_, out.data(),
                     IntraOpParallelFor(ctx));
     }

@@ -2,8 +2,8 @@
 //
 // The sparsity pattern is a runtime int32 tensor (metainfo), so a new pattern
 // of the same capacity never changes a graph. Block size and capacity come
-// from nz_values' shape [capacity, block_size, block_size]; the output size
-// from metainfo's length, output_blocks + 1 + capacity.
+// from nz_values' shape [capacity, block_size, block_size]; metainfo's length
+// must then be output_size / block_size + 1 + capacity.
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
@@ -15,18 +15,6 @@ using ::tensorflow::shape_inference::DimensionHandle;
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 
-// Output columns implied by metainfo and nz_values, when their shapes are known.
-Status OutputSize(InferenceContext* c, int metainfo_input, int values_input,
-                  DimensionHandle* output_size) {
-  ShapeHandle metainfo, values;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(metainfo_input), 1, &metainfo));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(values_input), 3, &values));
-  DimensionHandle output_blocks;
-  TF_RETURN_IF_ERROR(c->Subtract(c->Dim(metainfo, 0), c->Dim(values, 0), &output_blocks));
-  TF_RETURN_IF_ERROR(c->Subtract(output_blocks, 1, &output_blocks));
-  return c->Multiply(output_blocks, c->Dim(values, 1), output_size);
-}
-
 }  // namespace
 
 REGISTER_OP("IpuSparseMatmul")
@@ -37,12 +25,13 @@ REGISTER_OP("IpuSparseMatmul")
     .Input("compute_dense_grad: bool")
     .Output("product: T")
     .Attr("T: {float, half}")
+    .Attr("output_size: int >= 1")
     .Attr("pooling_type: {'NONE', 'SUM', 'AVG', 'MAX'} = 'NONE'")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle lhs;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &lhs));
-      DimensionHandle output_size;
-      TF_RETURN_IF_ERROR(OutputSize(c, 1, 2, &output_size));
+      int64_t output_size;
+      TF_RETURN_IF_ERROR(c->GetAttr("output_size", &output_size));
       c->set_output(0, c->Matrix(c->Dim(lhs, 0), output_size));
       return Status();
     })
@@ -53,7 +42,7 @@ blocks in nz_values [capacity, block_size, block_size].
 
 dense_grad_anchor is never read: its gradient is dL/dW, [input_size,
 output_size] for pooling_type NONE, else the SUM/AVG/MAX of |dL/dW| over each
-block, [input_blocks, output_blocks]. It is computed only when
+block, [input_blocks, output_blocks] (for block size 1 that is |dL/dW|). It is computed only when
 compute_dense_grad (a scalar) is true at run time, zeros otherwise.
 )doc");
 

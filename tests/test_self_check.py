@@ -1,0 +1,81 @@
+"""The self-check tool: every pattern, block size, pooling and data type, and every
+kernel build (instruction set), up to 8192 x 1536."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ipu_sparse_ops.tools import sparse_matmul
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "ipu_sparse_ops", "tools", "sparse_matmul.py")
+
+
+def run_tool(*args, isa=None):
+    env = dict(os.environ)
+    if isa:
+        env["IPU_SPARSE_OPS_ISA"] = isa
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+@pytest.mark.parametrize("pattern", sparse_matmul.PATTERNS)
+def test_every_pattern_at_defaults(pattern):
+    assert sparse_matmul.main(["--pattern", pattern]) == 0
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 8, 16])
+@pytest.mark.parametrize("pooling_type", ["NONE", "SUM", "AVG", "MAX"])
+@pytest.mark.parametrize("data_type", ["fp32", "fp16"])
+def test_every_block_pooling_and_data_type(block_size, pooling_type, data_type):
+    args = ["--pattern", "random", "--batch-size", "7", "--input-size", "96",
+            "--output-size", "48", "--density", "0.3", "--block-size", str(block_size),
+            "--pooling-type", pooling_type, "--data-type", data_type]
+    assert sparse_matmul.main(args) == 0
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_every_kernel_build(isa, block_size):
+    """Each instruction set the library was built for (an unsupported one falls back)."""
+    result = run_tool("--pattern", "random", "--batch-size", "33", "--input-size", "256",
+                      "--output-size", "160", "--block-size", str(block_size), isa=isa)
+    assert result.returncode == 0 and "Results match." in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("pattern", sparse_matmul.PATTERNS)
+def test_largest_sizes(pattern):
+    result = run_tool("--pattern", pattern, "--batch-size", "3", "--input-size", "8192",
+                      "--output-size", "1536", "--block-size", "16" if pattern == "fixed" else "1")
+    assert result.returncode == 0 and "Results match." in result.stdout, result.stdout + result.stderr
+
+
+def test_a_wrong_result_is_reported(monkeypatch, capsys):
+    """The tool must be able to fail: perturb one weight of its reference."""
+    original = sparse_matmul.sparse.dense_from_triplets
+
+    def perturbed(spec, triplets):
+        dense = original(spec, triplets).copy()
+        dense[0, 0] += 1e-3
+        return dense
+
+    monkeypatch.setattr(sparse_matmul.sparse, "dense_from_triplets", perturbed)
+    assert sparse_matmul.main(["--pattern", "fixed"]) == 1
+    out = capsys.readouterr().out
+    assert "Mismatch in forward" in out and "Results match." not in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--input-size", "18", "--block-size", "4"], "--input-size 18 must be a positive multiple"),
+    (["--density", "0"], "--density must be in (0, 1]"),
+    (["--block-size", "3"], "invalid choice"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bad_arguments_give_one_line(args, message):
+    result = run_tool(*args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
