@@ -79,3 +79,23 @@ def test_bad_arguments_give_one_line(args, message):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_every_block_pooling_and_data_type_at_8192_by_1536():
+    """The issue's acceptance grid at full size, in one child process."""
+    script = (
+        "import itertools, sys\n"
+        "from ipu_sparse_ops.tools import sparse_matmul\n"
+        "bad = []\n"
+        "for bs, pool, dt in itertools.product([1, 4, 8, 16], ['NONE', 'SUM', 'AVG', 'MAX'],"
+        " ['fp32', 'fp16']):\n"
+        "    args = ['--pattern', 'random', '--batch-size', '5', '--input-size', '8192',"
+        " '--output-size', '1536', '--block-size', str(bs), '--pooling-type', pool,"
+        " '--data-type', dt]\n"
+        "    if sparse_matmul.main(args) != 0: bad.append(args)\n"
+        "sys.exit(1 if bad else 0)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=1800, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.stdout.count("Results match.") == 32
