@@ -1,0 +1,133 @@
+"""Rig-L on live layers: prune, regrow and push a new pattern into `SparseFcLayer`s.
+
+`sparse_training` holds the algorithm in plain numpy on triplets; this module
+is the thin step that applies it to a trained layer and its optimizer:
+
+1. read the layer's connections (`get_triplets`, in slot order),
+2. turn the dense gradient the op returned into one score per block,
+3. `sparse_training.prune_and_regrow`,
+4. `push_triplets` (an assign: no re-trace) and `Optimizer.follow_pattern`,
+   so kept connections keep their values and optimizer slots while new ones
+   start from zero, value and slots alike.
+
+A NaN or Inf in a gradient raises `NonFiniteGradientError` before anything
+is changed. `rigl_update_layers` checks every layer's gradient first, so a
+model is never left half updated.
+
+Used by `sparse_transformer_rigl_mnist.py` and meant for every script that
+trains `SparseFcLayer`s (`mnist_rigl/sparse_mnist.py` has the same step
+inline). A training script does, after the last step of a segment whose
+dense gradients it fetched (the gradients with respect to each layer's
+`dense_grad_anchor`, computed on that step only)::
+
+    counts = {name: schedule(t, T, prune_ratio, layer.nnz) for name, layer in sparse.items()}
+    try:
+        moved = rigl.rigl_update_layers(sparse, optimizer, grads, counts, "rigl", rng)
+    except rigl.NonFiniteGradientError as e:
+        ...  # stop training with str(e) as the one-line reason
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ipu_sparse_ops import sparse_training
+from ipu_sparse_ops.sparse import MatmulSpec
+
+
+class NonFiniteGradientError(ValueError):
+    """A dense gradient holds NaN or Inf; no pattern was changed. The message is one line."""
+
+
+def block_scores(spec: MatmulSpec, dense_grad) -> np.ndarray:
+    """The op's dense gradient for `spec` as Rig-L scores [input_blocks, output_blocks] (float32).
+
+    For pooling NONE the gradient is the full dL/dW [input_size, output_size]:
+    element-wise it is returned as is (prune_and_regrow ranks |g|), for blocks
+    |g| is summed over each block on the host. For SUM/AVG/MAX the op already
+    pooled |g| per block and it is returned as is.
+
+    Raises:
+        ValueError: the gradient does not have the op's shape for this spec.
+    """
+    grad = np.asarray(dense_grad, dtype=np.float32)
+    if grad.shape != tuple(spec.dense_grad_shape):
+        raise ValueError(f"dense gradient has shape {grad.shape}, expected "
+                         f"{tuple(spec.dense_grad_shape)} for this layer")
+    if spec.pooling_type == "NONE" and spec.block_size > 1:
+        bs = spec.block_size
+        grad = np.abs(grad).reshape(spec.input_blocks, bs, spec.output_blocks, bs).sum(axis=(1, 3))
+    return grad
+
+
+def check_finite(name: str, dense_grad) -> None:
+    """Raise `NonFiniteGradientError` naming `name` if `dense_grad` holds NaN or Inf."""
+    bad = np.count_nonzero(~np.isfinite(np.asarray(dense_grad, dtype=np.float32)))
+    if bad:
+        raise NonFiniteGradientError(
+            f"{name}: the dense gradient holds {bad} NaN/Inf values; stopping before it "
+            "corrupts the sparsity pattern")
+
+
+def rigl_update(layer, optimizer, dense_grad, n_prune: int, regrow: str,
+                rng: np.random.Generator | None) -> int:
+    """Prune the n_prune weakest connections of `layer`, regrow as many, push the pattern.
+
+    Args:
+        layer: a `layers.SparseFcLayer`.
+        optimizer: the `optimizers.Optimizer` training `layer.nz_values` (its slots
+            are re-aligned), or None when there are no slots to carry.
+        dense_grad: for regrow "rigl", the gradient of the loss with respect to
+            `layer.dense_grad_anchor` (numpy or tensor; see `block_scores`).
+            Ignored for "random".
+        n_prune: how many connections (blocks) to move; 0 leaves the layer as is.
+        regrow: "rigl" (grow where the gradient is largest) or "random" (SET).
+        rng: seeded generator; needed for "random" only.
+
+    Returns:
+        How many connections were grown.
+
+    Raises:
+        NonFiniteGradientError: NaN/Inf in the gradient (the layer is untouched).
+        ValueError: bad n_prune, regrow method or gradient shape.
+    """
+    spec = layer.spec
+    grad = None
+    if regrow == "rigl":
+        check_finite(layer.name, dense_grad)
+        grad = block_scores(spec, dense_grad)
+    triplets = layer.get_triplets()
+    new, kept_from = sparse_training.prune_and_regrow(
+        triplets, n_prune, regrow, shape=(spec.input_blocks, spec.output_blocks),
+        grad=grad, rng=rng)
+    slot_kept_from = layer.push_triplets(new, kept_from)
+    if optimizer is not None:
+        optimizer.follow_pattern(layer.nz_values, slot_kept_from)
+    return int(np.count_nonzero(kept_from < 0))
+
+
+def rigl_update_layers(layers: Mapping[str, object], optimizer, dense_grads: Mapping[str, object],
+                       prune_counts: Mapping[str, int], regrow: str,
+                       rng: np.random.Generator | None) -> dict[str, int]:
+    """`rigl_update` on several layers, after checking every gradient is finite.
+
+    Args:
+        layers: name -> SparseFcLayer, updated in this order (it fixes the use of
+            `rng` for random regrowth, so keep it stable for reproducible runs).
+        dense_grads: name -> dense gradient (regrow "rigl"; may be empty for "random").
+        prune_counts: name -> connections to move in that layer.
+
+    Returns:
+        name -> number of connections grown.
+    """
+    if regrow == "rigl":
+        missing = [name for name in layers if name not in dense_grads]
+        if missing:
+            raise ValueError(f"no dense gradient for {', '.join(missing)}")
+        for name in layers:
+            check_finite(name, dense_grads[name])
+    return {name: rigl_update(layer, optimizer, dense_grads.get(name), prune_counts[name],
+                              regrow, rng)
+            for name, layer in layers.items()}

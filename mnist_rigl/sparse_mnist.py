@@ -1,0 +1,692 @@
+"""Train a two-layer MNIST network whose layers are genuinely sparse, rewired by Rig-L.
+
+The model is 784 -> hidden (ReLU, bias) -> dropout -> 10 (bias). A layer of
+density below 1 is a `SparseFcLayer` (the dynamic sparse matmul op), density 1
+a dense layer. Between two pattern updates ("Rig-L steps", `--steps-per-epoch`
+of them per epoch) all training steps run inside one traced TensorFlow loop,
+the CPU stand-in for the IPU's device iterations; only the last step of a
+segment computes the dense (or block-pooled) gradient. The host then prunes
+the weakest connections of every sparse layer, regrows as many where the
+gradient is largest (Rig-L, Evci et al. 2020) or at random (SET), with the
+cosine-decayed count, and pushes the new pattern; optimizer slots follow it.
+
+Examples:
+    python mnist_rigl/sparse_mnist.py --densities 0.1 0.3 --records-path rigl_records
+    python mnist_rigl/sparse_mnist.py --densities 0.1 0.3 --checkpoint-path ckpt
+    python mnist_rigl/sparse_mnist.py --densities 0.1 0.3 --checkpoint-path ckpt --restore
+
+Runs are deterministic for a seed: shuffling and random regrowth come from a
+seeded numpy generator, dropout from stateless random ops seeded by the step,
+and `--restore` after a kill ends bit for bit where the uninterrupted run ends.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root; no PYTHONPATH needed
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines would bury ours
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mnist_rigl.mnist_data import MnistError, load_mnist
+
+logger = logging.getLogger("sparse_mnist")
+
+PROG = "sparse_mnist.py"
+INPUT_SIZE = 28 * 28
+NUM_CLASSES = 10
+REFERENCE_BATCH_SIZE = 16  # the learning rates below are for this batch size
+LR_BOUNDARIES = (0.2, 0.4, 0.6, 0.8)  # fractions of the whole run
+LR_VALUES = (0.02, 0.01, 0.005, 0.001, 0.0001)
+ADAM_LR = 0.002  # Adam uses one constant rate (also scaled by 16 / batch size)
+CHECKPOINT_JSON = "checkpoint.json"
+CHECKPOINT_VERSION = 1
+RECORD_NAME = "weights_fc1_{step:06d}.npz"
+TEMP_PREFIX = ".partial-"  # temp files: never match the record or checkpoint names
+# Flags that define the training trajectory: a checkpoint only resumes a run that agrees.
+RUN_DEFINING_FLAGS = (
+    "densities", "droprate", "seed", "batch_size", "steps_per_epoch", "epochs",
+    "disable_pruning", "regrow", "prune_ratio", "optimizer", "optimizer_arg", "data_type",
+    "block_size", "pooling_type", "hidden_size", "train_samples")
+
+
+class UsageError(Exception):
+    """A bad flag or input file; the message is one line for the user."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (NaN loss, NaN/Inf gradient); one line for the user."""
+
+
+# ---- command line ----------------------------------------------------------------------
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage dump) and exits with 2."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog=PROG,
+        description="Train 784 -> hidden -> 10 on MNIST with sparse layers whose "
+                    "connectivity evolves by Rig-L (or SET, or not at all).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--densities", type=float, nargs=2, default=[0.01, 1.0],
+                        metavar=("FC1", "FC2"),
+                        help="fraction of weights (blocks for fc1) each layer holds; "
+                             "1 makes a dense layer")
+    parser.add_argument("--hidden-size", type=int, default=320, help="units in the hidden layer")
+    parser.add_argument("--droprate", type=float, default=0.1,
+                        help="dropout rate after the hidden layer")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of everything random (default: drawn and logged; "
+                             "--restore takes the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    parser.add_argument("--steps-per-epoch", type=int, default=5,
+                        help="Rig-L steps (pattern updates) per epoch; the training steps "
+                             "between two of them run in one traced loop")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+    parser.add_argument("--train-samples", type=int, default=None,
+                        help="train on only the first N training images (quick runs)")
+    parser.add_argument("--disable-pruning", action="store_true",
+                        help="keep the initial random patterns (static sparsity)")
+    parser.add_argument("--regrow", choices=("rigl", "random"), default="rigl",
+                        help="where new connections grow: largest |dense gradient| (Rig-L) "
+                             "or uniformly at random (SET)")
+    parser.add_argument("--prune-ratio", type=float, default=0.3,
+                        help="fraction of a layer's connections moved at the first update; "
+                             "later updates move fewer (cosine decay)")
+    parser.add_argument("--block-size", type=int, choices=(1, 4, 8, 16), default=1,
+                        help="block size of fc1 (fc2 stays element-wise)")
+    parser.add_argument("--pooling-type", choices=("NONE", "AVG", "MAX", "SUM"), default="SUM",
+                        help="how fc1's dense gradient is pooled over a block for Rig-L "
+                             "(NONE: the full gradient reaches the host, which sums |g|)")
+    parser.add_argument("--data-type", choices=("fp32", "fp16"), default="fp32",
+                        help="storage and compute type of the weights and activations")
+    parser.add_argument("--optimizer", default="Momentum",
+                        help="GradientDescent, Momentum or Adam")
+    parser.add_argument("--optimizer-arg", action="append", default=[], metavar="NAME=JSON",
+                        help="optimizer option, repeatable, e.g. momentum=0.95 "
+                             "nesterov=true (Adam: beta1, beta2, epsilon)")
+    parser.add_argument("--records-path", type=Path, default=None,
+                        help="folder for fc1's pattern at step 0 and after every update "
+                             "(weights_fc1_NNNNNN.npz, for visualise_connectivity.py)")
+    parser.add_argument("--checkpoint-path", type=Path, default=None,
+                        help="folder for checkpoints (written atomically)")
+    parser.add_argument("--checkpoint-freq", type=int, default=5,
+                        help="checkpoint every N Rig-L steps (and at the end)")
+    parser.add_argument("--restore", action="store_true",
+                        help="continue from the checkpoint in --checkpoint-path "
+                             "(starts afresh, with a warning, if there is none yet)")
+    parser.add_argument("--data-dir", default=None,
+                        help="read MNIST from the four IDX files here instead of the caches")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the flags; a bad one exits with one line on stderr (status 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except UsageError as e:
+        parser.error(str(e))
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Check the flags before any data is loaded; only the optimizer checks need TensorFlow."""
+    for name, density in zip(("fc1", "fc2"), args.densities):
+        if not 0.0 < density <= 1.0:
+            raise UsageError(f"--densities: {name} density must be in (0, 1], got {density:g}")
+    positive = ("hidden_size", "batch_size", "steps_per_epoch", "epochs", "checkpoint_freq")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.train_samples is not None and args.train_samples < 1:
+        raise UsageError(f"--train-samples must be >= 1, got {args.train_samples}")
+    if not 0.0 <= args.droprate < 1.0:
+        raise UsageError(f"--droprate must be in [0, 1), got {args.droprate:g}")
+    if not 0.0 <= args.prune_ratio <= 1.0:
+        raise UsageError(f"--prune-ratio must be in [0, 1], got {args.prune_ratio:g}")
+    bs = args.block_size
+    for name, size in (("784 inputs", INPUT_SIZE), (f"--hidden-size {args.hidden_size}",
+                                                    args.hidden_size)):
+        if size % bs:
+            raise UsageError(f"--block-size {bs} does not divide {name}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.restore and args.checkpoint_path is None:
+        raise UsageError("--restore needs --checkpoint-path")
+    if args.records_path is not None:
+        _check_writable_dir(args.records_path, "--records-path")
+    if args.checkpoint_path is not None:
+        _check_writable_dir(args.checkpoint_path, "--checkpoint-path")
+    # Last, as it imports TensorFlow: the optimizer (its options are checked when it is
+    # built, which needs the variables' module anyway).
+    try:
+        from ipu_sparse_ops.optimizers import optimizer_class, parse_optimizer_args
+    except ImportError as e:  # pragma: no cover - missing build
+        raise UsageError(f"cannot import ipu_sparse_ops ({e}); run `make -j` first") from None
+    try:
+        args.optimizer_options = parse_optimizer_args(args.optimizer_arg)
+    except ValueError as e:
+        raise UsageError(f"--optimizer-arg: {e}") from None
+    if "learning_rate" in args.optimizer_options:
+        raise UsageError("--optimizer-arg: the learning rate follows the built-in schedule "
+                         "and cannot be set")
+    try:
+        optimizer_class(args.optimizer)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_writable_dir(path: Path, flag: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=TEMP_PREFIX):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path} is not a writable folder ({e.strerror or e})") from None
+
+
+# ---- schedule --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """How the run is cut: batches per epoch, Rig-L segments and learning-rate steps."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int  # Rig-L segments per epoch
+    epochs: int
+    batch_size: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.batches_per_epoch * self.epochs
+
+    @property
+    def total_segments(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def num_updates(self) -> int:
+        """Pattern updates: after every segment but the last (nothing would train the last)."""
+        return self.total_segments - 1
+
+    def segment(self, index: int) -> tuple[int, int, int]:
+        """(epoch, first batch within the epoch, batch count) of segment `index`."""
+        epoch, k = divmod(index, self.steps_per_epoch)
+        first = k * self.batches_per_epoch // self.steps_per_epoch
+        last = (k + 1) * self.batches_per_epoch // self.steps_per_epoch
+        return epoch, first, last - first
+
+    def first_step(self, index: int) -> int:
+        epoch, first, _ = self.segment(index)
+        return epoch * self.batches_per_epoch + first
+
+    def lr_boundary_steps(self) -> list[int]:
+        """First global step of each learning-rate stage after the first."""
+        return [math.ceil(fraction * self.total_steps) for fraction in LR_BOUNDARIES]
+
+
+def learning_rates(optimizer: str, batch_size: int) -> tuple[float, ...]:
+    """The rate of each stage, scaled linearly with the batch size."""
+    scale = batch_size / REFERENCE_BATCH_SIZE
+    if optimizer.lower() == "adam":
+        return (ADAM_LR * scale,) * len(LR_VALUES)
+    return tuple(lr * scale for lr in LR_VALUES)
+
+
+def learning_rate_at(step: int, plan: Plan, rates: tuple[float, ...]) -> float:
+    return rates[sum(step >= b for b in plan.lr_boundary_steps())]
+
+
+# ---- files -----------------------------------------------------------------------------
+
+def write_atomically(path: Path, write) -> None:
+    """Call write(binary file) on a temp file beside `path`, then rename it into place."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX + path.name)
+    try:
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the usual mode
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Temp files a killed run left behind (never loaded; just tidied)."""
+    for stale in folder.glob(TEMP_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def write_record(folder: Path, step: int, layer) -> None:
+    """fc1's current connections (just-grown zeros included) as weights_fc1_{step}.npz."""
+    triplets = layer.get_triplets()
+    arrays = {"row_indices": triplets.row_indices, "col_indices": triplets.col_indices,
+              "values": triplets.values}
+    if layer.spec.block_size > 1:
+        arrays["block_size"] = np.array(layer.spec.block_size)
+    write_atomically(folder / RECORD_NAME.format(step=step), lambda f: np.savez(f, **arrays))
+
+
+# ---- model -----------------------------------------------------------------------------
+
+SEED_STREAMS = ("fc1", "fc2", "host")  # independent numpy streams derived from --seed
+
+
+def seed_sequence(seed: int, stream: str) -> np.random.SeedSequence:
+    """The numpy seed of one use of randomness: fc1/fc2 initialisation, or the host
+    generator that shuffles and regrows at random (whose state is checkpointed)."""
+    return np.random.SeedSequence(seed, spawn_key=(SEED_STREAMS.index(stream),))
+
+
+class Model:
+    """fc1 (ReLU, bias) -> stateless dropout -> fc2 (bias), plus what Rig-L needs."""
+
+    def __init__(self, args: argparse.Namespace, seed: int):
+        from ipu_sparse_ops import layers
+        from ipu_sparse_ops.sparse import MatmulSpec, capacity_for_density
+
+        seeds = [seed_sequence(seed, "fc1"), seed_sequence(seed, "fc2")]
+        self.droprate = args.droprate
+        self.seed = seed
+        self.layers = {}
+        shapes = {"fc1": (INPUT_SIZE, args.hidden_size, args.block_size, args.pooling_type),
+                  "fc2": (args.hidden_size, NUM_CLASSES, 1, "NONE")}
+        for (name, (n_in, n_out, bs, pooling)), density, layer_seed in zip(
+                shapes.items(), args.densities, seeds):
+            _, capacity = capacity_for_density(n_in // bs, n_out // bs, density)
+            spec = MatmulSpec(n_in, n_out, capacity, bs, args.data_type, pooling)
+            self.layers[name] = layers.make_fc_layer(
+                spec, density, seed=layer_seed, use_bias=True, relu=name == "fc1", name=name)
+        self.sparse_layers = {name: layer for name, layer in self.layers.items()
+                              if isinstance(layer, layers.SparseFcLayer)}
+        self.dtype = args.data_type
+
+    @property
+    def fc1(self):
+        return self.layers["fc1"]
+
+    @property
+    def fc2(self):
+        return self.layers["fc2"]
+
+    def trainable_variables(self) -> list:
+        variables = []
+        for name, layer in self.layers.items():
+            variables.append(layer.nz_values if name in self.sparse_layers else layer.kernel)
+            variables.append(layer.bias)
+        return variables
+
+    def __call__(self, x, step=None, training=False, compute_dense_grad=False):
+        import tensorflow as tf
+
+        h = self.fc1(x, compute_dense_grad=compute_dense_grad)
+        if training and self.droprate > 0.0:
+            seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
+            keep = tf.random.stateless_uniform(tf.shape(h), seed=seed) >= self.droprate
+            h = tf.where(keep, h / tf.constant(1.0 - self.droprate, h.dtype), tf.zeros_like(h))
+        return self.fc2(h, compute_dense_grad=compute_dense_grad)
+
+
+def normalised_batch(images_uint8, dtype):
+    """uint8 pixels -> [n, 784] in [0, 1], the same arithmetic as mnist_data.normalise."""
+    import tensorflow as tf
+
+    x = tf.cast(tf.reshape(images_uint8, [-1, INPUT_SIZE]), tf.float32) / 255.0
+    return tf.cast(x, dtype)
+
+
+def make_train_segment(model: Model, optimizer, plan: Plan, x_train, y_train, rates,
+                       dense_grads: bool):
+    """One traced loop over the training steps of a segment (the IPU's device iterations).
+
+    Returns a tf.function(perm, first_batch, num_batches, first_step, want_dense_grad)
+    -> (steps done, summed loss, correct predictions, last loss, dense gradients).
+    The loop stops early at a non-finite loss (steps done then tells where). The
+    dense gradients are computed on the last step only, and only if asked; with
+    `dense_grads` False (no Rig-L updates) they are not in the graph at all.
+    """
+    import tensorflow as tf
+
+    batch_size = plan.batch_size
+    dtype = model.fc1.compute_dtype
+    trainables = model.trainable_variables()
+    anchors = [layer.dense_grad_anchor for layer in model.sparse_layers.values()
+               if dense_grads]
+    boundaries = tf.constant(plan.lr_boundary_steps(), tf.int64)
+    rate_table = tf.constant(rates, tf.float32)
+    x_train = tf.convert_to_tensor(x_train)
+    y_train = tf.convert_to_tensor(y_train.astype(np.int32))
+
+    def step_fn(perm, batch, step, compute_dense_grad):
+        indices = perm[batch * batch_size:(batch + 1) * batch_size]
+        x = normalised_batch(tf.gather(x_train, indices), dtype)
+        labels = tf.gather(y_train, indices)
+        with tf.GradientTape() as tape:
+            tape.watch(anchors)
+            logits = tf.cast(model(x, step, training=True,
+                                   compute_dense_grad=compute_dense_grad), tf.float32)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        grads = tape.gradient(loss, trainables + anchors)
+        lr = tf.gather(rate_table, tf.reduce_sum(tf.cast(step >= boundaries, tf.int32)))
+        optimizer.apply_gradients(zip(grads[:len(trainables)], trainables), learning_rate=lr)
+        correct = tf.reduce_sum(tf.cast(
+            tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.int32))
+        return loss, correct, grads[len(trainables):]
+
+    spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.bool)]
+
+    @tf.function(input_signature=spec)
+    def train_segment(perm, first_batch, num_batches, first_step, want_dense_grad):
+        def cond(i, loss_sum, correct, last_loss, last_dense_grads):
+            return tf.logical_and(i < num_batches, tf.math.is_finite(last_loss))
+
+        def body(i, loss_sum, correct, last_loss, last_dense_grads):
+            compute = tf.logical_and(want_dense_grad, tf.equal(i, num_batches - 1))
+            loss, batch_correct, grads = step_fn(
+                perm, first_batch + i, first_step + tf.cast(i, tf.int64), compute)
+            return i + 1, loss_sum + loss, correct + batch_correct, loss, grads
+
+        zeros = [tf.zeros_like(anchor) for anchor in anchors]
+        return tf.while_loop(
+            cond, body, [tf.constant(0), tf.constant(0.0), tf.constant(0), tf.constant(0.0),
+                         zeros])
+
+    return train_segment
+
+
+def make_evaluate(model: Model, x_test, y_test):
+    """tf.function() -> (mean loss, accuracy) over the whole test set, without dropout."""
+    import tensorflow as tf
+
+    dtype = model.fc1.compute_dtype
+    x_test = tf.convert_to_tensor(x_test)
+    y_test = tf.convert_to_tensor(y_test.astype(np.int32))
+
+    @tf.function
+    def evaluate():
+        logits = tf.cast(model(normalised_batch(x_test, dtype)), tf.float32)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y_test, logits))
+        correct = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y_test)
+        return loss, tf.reduce_mean(tf.cast(correct, tf.float32))
+
+    return evaluate
+
+
+# ---- Rig-L on the host -----------------------------------------------------------------
+
+def update_patterns(model: Model, optimizer, dense_grads, update: int, num_updates: int,
+                    args: argparse.Namespace, rng: np.random.Generator) -> dict[str, int]:
+    """Rig-L update `update` of `num_updates` on every sparse layer; connections moved per layer.
+
+    Each layer drops its cosine-scheduled share of weakest connections and
+    grows as many (`ipu_sparse_ops.rigl`); kept connections keep their values
+    and optimizer slots, new ones start at zero. Every gradient is checked
+    before any layer changes: NaN/Inf raises TrainingError with the model intact.
+    """
+    from ipu_sparse_ops import rigl, sparse_training
+
+    prune_count = sparse_training.prune_schedule("cosine")
+    counts = {name: prune_count(update, num_updates, args.prune_ratio, layer.nnz)
+              for name, layer in model.sparse_layers.items()}
+    grads = dict(zip(model.sparse_layers, dense_grads or ()))
+    try:
+        return rigl.rigl_update_layers(model.sparse_layers, optimizer, grads, counts,
+                                       args.regrow, rng)
+    except rigl.NonFiniteGradientError as e:
+        raise TrainingError(str(e)) from None
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+
+def run_config(args: argparse.Namespace) -> dict:
+    config = {name: getattr(args, name) for name in RUN_DEFINING_FLAGS}
+    config["optimizer"] = args.optimizer.lower()
+    config["optimizer_arg"] = args.optimizer_options
+    return json.loads(json.dumps(config))  # tuples -> lists, as they come back from JSON
+
+
+def save_checkpoint(folder: Path, model: Model, optimizer, config: dict, segments_done: int,
+                    step: int, perm: np.ndarray, rng: np.random.Generator) -> None:
+    """npz of arrays + JSON sidecar naming it (with its SHA-256); both written atomically.
+
+    The npz goes first under a new name, then the JSON that points to it, so a
+    kill at any moment leaves a JSON naming a complete npz.
+    """
+    arrays = {"perm": perm}
+    for name, layer in model.layers.items():
+        arrays.update({f"{name}/{key}": value for key, value in layer.state().items()})
+    arrays.update({f"optimizer/{key}": value for key, value in optimizer.state().items()})
+    npz_name = f"checkpoint-{segments_done:06d}.npz"
+    write_atomically(folder / npz_name, lambda f: np.savez(f, **arrays))
+    digest = hashlib.sha256((folder / npz_name).read_bytes()).hexdigest()
+    meta = {"version": CHECKPOINT_VERSION, "config": config, "segments_done": segments_done,
+            "step": step, "rng_state": rng.bit_generator.state, "arrays": npz_name,
+            "sha256": digest}
+    write_atomically(folder / CHECKPOINT_JSON,
+                     lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    for old in folder.glob("checkpoint-*.npz"):
+        if old.name != npz_name:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+def read_checkpoint(folder: Path) -> tuple[dict, dict] | None:
+    """(metadata, arrays) of the checkpoint in `folder`, None if there is none.
+
+    Raises UsageError (one line) for a checkpoint that is unreadable or whose
+    arrays do not match their recorded SHA-256.
+    """
+    meta_path = folder / CHECKPOINT_JSON
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        npz_path = folder / meta["arrays"]
+        if Path(meta["arrays"]).name != meta["arrays"]:
+            raise ValueError("arrays must name a file in the checkpoint folder")
+        blob = npz_path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{npz_path.name} does not match its recorded SHA-256")
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"version {meta.get('version')}, expected {CHECKPOINT_VERSION}")
+        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        raise UsageError(f"corrupt checkpoint in {folder}: {e}") from None
+    return meta, arrays
+
+
+def restore(meta: dict, arrays: dict, model: Model, optimizer, config: dict,
+            folder: Path) -> None:
+    if meta["config"] != config:
+        diffs = [f"{key}={meta['config'].get(key)!r} (now {value!r})"
+                 for key, value in config.items() if meta["config"].get(key) != value]
+        raise UsageError(f"checkpoint in {folder} belongs to another run: {', '.join(diffs)}")
+    try:
+        for name, layer in model.layers.items():
+            prefix = f"{name}/"
+            layer.load_state({k[len(prefix):]: v for k, v in arrays.items()
+                              if k.startswith(prefix)})
+        prefix = "optimizer/"
+        optimizer.load_state({k[len(prefix):]: v for k, v in arrays.items()
+                              if k.startswith(prefix)})
+    except Exception as e:  # noqa: BLE001 - any defect in the arrays is a corrupt checkpoint
+        raise UsageError(f"corrupt checkpoint in {folder}: {e}") from None
+
+
+# ---- training --------------------------------------------------------------------------
+
+def train(args: argparse.Namespace, data) -> dict:
+    """The whole run; returns the final metrics. Raises UsageError / TrainingError."""
+    from ipu_sparse_ops import optimizers
+
+    x_train, y_train, x_test, y_test = data
+    if args.train_samples is not None:
+        x_train, y_train = x_train[:args.train_samples], y_train[:args.train_samples]
+    n_train = len(x_train)
+    batches_per_epoch = n_train // args.batch_size
+    if batches_per_epoch < args.steps_per_epoch:
+        raise UsageError(f"{n_train} training images make {batches_per_epoch} batches of "
+                         f"{args.batch_size}, fewer than --steps-per-epoch "
+                         f"{args.steps_per_epoch}")
+    plan = Plan(batches_per_epoch, args.steps_per_epoch, args.epochs, args.batch_size)
+
+    checkpoint = None
+    if args.restore:
+        checkpoint = read_checkpoint(args.checkpoint_path)
+        if checkpoint is None:
+            logger.warning("no checkpoint in %s yet: starting from scratch",
+                           args.checkpoint_path)
+        elif args.seed is None:
+            args.seed = checkpoint[0]["config"]["seed"]
+    if args.seed is None:
+        args.seed = int(np.random.SeedSequence().entropy % 2**31)
+        logger.info("seed %d (pass --seed %d to repeat this run)", args.seed, args.seed)
+    config = run_config(args)
+
+    rates = learning_rates(args.optimizer, args.batch_size)
+    try:
+        optimizer = optimizers.make_optimizer(args.optimizer, rates[0], **args.optimizer_options)
+    except ValueError as e:
+        raise UsageError(f"--optimizer-arg: {e}") from None
+    model = Model(args, args.seed)
+    optimizer.build(model.trainable_variables())
+    # Shuffling and random regrowth; its state is part of every checkpoint.
+    rng = np.random.default_rng(seed_sequence(args.seed, "host"))
+    do_updates = bool(not args.disable_pruning and model.sparse_layers and plan.num_updates > 0)
+
+    segments_done, perm = 0, None
+    if checkpoint is not None:
+        meta, arrays = checkpoint
+        restore(meta, arrays, model, optimizer, config, args.checkpoint_path)
+        segments_done = int(meta["segments_done"])
+        rng.bit_generator.state = meta["rng_state"]
+        perm = arrays["perm"]
+        logger.info("restored %s after %d of %d Rig-L steps (training step %d)",
+                    args.checkpoint_path, segments_done, plan.total_segments, meta["step"])
+    for folder in (args.records_path, args.checkpoint_path):
+        if folder is not None:
+            remove_stale_temps(folder)
+    if args.records_path is not None and segments_done == 0:
+        write_record(args.records_path, 0, model.fc1)
+
+    for name, layer in model.layers.items():
+        logger.info("%s: %s %dx%d, %d of %d %s (density %.4f), capacity %s", name,
+                    type(layer).__name__, layer.spec.input_size, layer.spec.output_size,
+                    layer.nnz, layer.spec.input_blocks * layer.spec.output_blocks,
+                    "elements" if layer.spec.block_size == 1
+                    else f"{layer.spec.block_size}x{layer.spec.block_size} blocks",
+                    layer.density, getattr(layer, "capacity", "-"))
+
+    train_segment = make_train_segment(model, optimizer, plan, x_train, y_train, rates,
+                                       dense_grads=do_updates and args.regrow == "rigl")
+    samples, train_seconds = 0, 0.0
+    epoch_seconds: dict[int, float] = {}
+    for segment in range(segments_done, plan.total_segments):
+        epoch, first, count = plan.segment(segment)
+        step = plan.first_step(segment)
+        if first == 0 or perm is None:
+            perm = rng.permutation(n_train).astype(np.int32)
+        update = do_updates and segment < plan.num_updates
+        started = time.perf_counter()
+        done, loss_sum, correct, _, dense_grads = train_segment(
+            perm, first, count, step, update and args.regrow == "rigl")
+        done = int(done)
+        if done < count:
+            raise TrainingError(f"the loss became NaN/Inf at training step {step + done - 1} "
+                                f"(epoch {epoch + 1})")
+        moved = {}
+        if update:
+            moved = update_patterns(model, optimizer, [g.numpy() for g in dense_grads],
+                                    segment, plan.num_updates, args, rng)
+        elapsed = time.perf_counter() - started
+        train_seconds += elapsed
+        epoch_seconds[epoch] = epoch_seconds.get(epoch, 0.0) + elapsed
+        samples += count * args.batch_size
+        step += count
+        if update and args.records_path is not None:
+            write_record(args.records_path, step, model.fc1)
+        logger.info(
+            "Rig-L step %d/%d  epoch %d/%d  step %d/%d  lr %.3g  loss %.4f  acc %.3f%s  %.0f "
+            "samples/s", segment + 1, plan.total_segments, epoch + 1, plan.epochs, step,
+            plan.total_steps, learning_rate_at(step - 1, plan, rates), float(loss_sum) / count,
+            int(correct) / (count * args.batch_size),
+            "".join(f"  {name} moved {n}" for name, n in moved.items()),
+            count * args.batch_size / elapsed)
+        last = segment + 1 == plan.total_segments
+        if args.checkpoint_path is not None and ((segment + 1) % args.checkpoint_freq == 0
+                                                 or last):
+            save_checkpoint(args.checkpoint_path, model, optimizer, config, segment + 1, step,
+                            perm, rng)
+
+    test_loss, test_accuracy = (float(v) for v in make_evaluate(model, x_test, y_test)())
+    if not math.isfinite(test_loss):
+        raise TrainingError("the test loss is NaN/Inf; the weights have diverged")
+    traces = train_segment.experimental_get_tracing_count()
+    logger.debug("the training loop was traced %d time(s)", traces)
+    return {"test_loss": test_loss, "test_accuracy": test_accuracy, "samples": samples,
+            "train_seconds": train_seconds, "epoch_seconds": epoch_seconds, "traces": traces}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Progress goes to stdout: stderr is kept for the one line that explains a failure.
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
+    try:
+        data = load_mnist(args.data_dir)
+        results = train(args, data)
+    except (UsageError, MnistError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    except TrainingError as e:
+        print(f"{PROG}: training stopped: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Test loss: {results['test_loss']:.3f} Test accuracy: "
+          f"{results['test_accuracy']:.3f}")
+    if results["samples"]:
+        epochs = results["epoch_seconds"]
+        print(f"Throughput: {results['samples'] / results['train_seconds']:.0f} samples/s "
+              f"({results['samples']} samples in {results['train_seconds']:.1f} s; "
+              f"{sum(epochs.values()) / len(epochs):.1f} s per epoch)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Tests for mnist_rigl/sparse_mnist.py: accuracy, determinism, kill and resume,
+records, and one clear line for every bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnist_rigl import experiment, result_plotter, sparse_mnist, visualise_connectivity
+from mnist_rigl.mnist_data import load_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "mnist_rigl" / "sparse_mnist.py"
+# A short run that still has several Rig-L updates in both layers.
+SMALL = ["--densities", "0.1", "0.3", "--epochs", "1", "--steps-per-epoch", "4",
+         "--train-samples", "4000", "--seed", "3", "--log-level", "WARNING"]
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist()
+
+
+def train(argv, data):
+    """Run the training in this process; returns the results dict."""
+    return sparse_mnist.train(sparse_mnist.parse_args(argv), data)
+
+
+def read_npz(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {key: f[key] for key in f.files}
+
+
+def final_checkpoint(folder):
+    meta = json.loads((Path(folder) / "checkpoint.json").read_text())
+    return meta, read_npz(Path(folder) / meta["arrays"])
+
+
+def assert_same_arrays(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert a[key].dtype == b[key].dtype, key
+
+
+def records(folder):
+    return {p.name: read_npz(p) for p in sorted(Path(folder).glob("weights_fc1_*.npz"))}
+
+
+def script_env():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+# ---- schedule ---------------------------------------------------------------------------
+
+def test_learning_rate_schedule_by_progress():
+    plan = sparse_mnist.Plan(batches_per_epoch=100, steps_per_epoch=5, epochs=10, batch_size=16)
+    rates = sparse_mnist.learning_rates("Momentum", 16)
+    assert rates == (0.02, 0.01, 0.005, 0.001, 0.0001)
+    got = [sparse_mnist.learning_rate_at(s, plan, rates) for s in (0, 199, 200, 399, 400, 999)]
+    assert got == [0.02, 0.02, 0.01, 0.01, 0.005, 0.0001]
+    assert sparse_mnist.learning_rates("momentum", 32)[0] == pytest.approx(0.04)
+    assert sparse_mnist.learning_rates("Adam", 8) == (0.001,) * 5
+    # Segments tile each epoch exactly even when the counts do not divide.
+    odd = sparse_mnist.Plan(batches_per_epoch=10, steps_per_epoch=3, epochs=2, batch_size=16)
+    segments = [odd.segment(i) for i in range(odd.total_segments)]
+    assert segments == [(0, 0, 3), (0, 3, 3), (0, 6, 4), (1, 0, 3), (1, 3, 3), (1, 6, 4)]
+    assert odd.num_updates == 5
+
+
+# ---- training ---------------------------------------------------------------------------
+
+def test_end_to_end_accuracy_and_one_trace(mnist, capsys):
+    results = train(["--densities", "0.1", "0.3", "--epochs", "1", "--seed", "1",
+                     "--log-level", "WARNING"], mnist)
+    assert results["test_accuracy"] > 0.9
+    assert results["traces"] == 1  # 5 segments and 4 pattern updates, one trace
+    assert results["samples"] == 60000
+
+
+def test_same_seed_same_result_and_records(mnist, tmp_path):
+    runs = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        folder = tmp_path / name
+        argv = [*SMALL, "--seed", seed, "--records-path", str(folder / "records"),
+                "--checkpoint-path", str(folder / "ckpt"), "--block-size", "4"]
+        runs[name] = train(argv, mnist)
+        runs[name]["records"] = records(folder / "records")
+        runs[name]["final"] = final_checkpoint(folder / "ckpt")[1]
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    assert (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
+    assert_same_arrays(a["final"], b["final"])
+    assert sorted(a["records"]) == sorted(b["records"])
+    for name in a["records"]:
+        assert_same_arrays(a["records"][name], b["records"][name])
+    assert a["test_loss"] != c["test_loss"]
+    assert not np.array_equal(a["final"]["fc1/metainfo"], c["final"]["fc1/metainfo"])
+
+    # Records: step 0 and after each of the 3 updates (250 batches in 4 segments).
+    assert sorted(a["records"]) == [f"weights_fc1_{s:06d}.npz" for s in (0, 62, 125, 187)]
+    loaded = visualise_connectivity.load_records(tmp_path / "a" / "records")
+    assert [step for step, _ in loaded] == [0, 62, 125, 187]
+    counts = {len(record.row_indices) for _, record in loaded}
+    assert counts == {round(0.1 * 196 * 80)}  # 4x4 blocks: nnz constant
+    assert all(record.block_size == 4 for _, record in loaded)
+    first, second = loaded[0][1], loaded[1][1]
+    old = set(zip(first.row_indices, first.col_indices))
+    grown = [i for i, pos in enumerate(zip(second.row_indices, second.col_indices))
+             if pos not in old]
+    assert grown, "the first update must move connections"
+    assert not second.values[grown].any()  # grown blocks are recorded at value 0
+
+
+def test_static_sparsity_never_changes_the_pattern(mnist, tmp_path):
+    argv = [*SMALL, "--disable-pruning", "--checkpoint-path", str(tmp_path)]
+    initial = sparse_mnist.Model(sparse_mnist.parse_args(argv), 3).fc1.get_triplets()
+    train(argv, mnist)
+    final = final_checkpoint(tmp_path)[1]
+    model = sparse_mnist.Model(sparse_mnist.parse_args(argv), 3)
+    model.fc1.load_state({k[4:]: v for k, v in final.items() if k.startswith("fc1/")})
+    after = model.fc1.get_triplets()
+    np.testing.assert_array_equal(after.row_indices, initial.row_indices)
+    np.testing.assert_array_equal(after.col_indices, initial.col_indices)
+    assert not np.array_equal(after.values, initial.values)  # it did train
+
+
+@pytest.mark.parametrize("extra", [
+    ["--regrow", "random"],
+    ["--data-type", "fp16", "--block-size", "8", "--pooling-type", "MAX"],
+    ["--block-size", "16", "--pooling-type", "NONE", "--optimizer", "adam"],
+])
+def test_variants_move_the_pattern_and_keep_its_size(mnist, tmp_path, extra):
+    results = train([*SMALL, *extra, "--records-path", str(tmp_path)], mnist)
+    assert np.isfinite(results["test_loss"]) and results["traces"] == 1
+    loaded = visualise_connectivity.load_records(tmp_path)
+    assert len(loaded) == 4
+    assert len({len(record.row_indices) for _, record in loaded}) == 1
+    patterns = [set(zip(r.row_indices, r.col_indices)) for _, r in loaded]
+    assert all(a != b for a, b in zip(patterns, patterns[1:]))
+    if "fp16" in extra:
+        assert loaded[-1][1].values.dtype == np.float16 and loaded[-1][1].block_size == 8
+
+
+def run_script(args, **kwargs):
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=REPO, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def kill_at_random(args, delay_range, rng, after=None):
+    """Start the script and SIGKILL it at a random moment; True if it was killed.
+
+    The delay is drawn from delay_range and counted from the process start,
+    or, if `after` is a path, from the moment that file appears.
+    """
+    proc = run_script(args)
+    if after is not None:
+        while not after.exists() and proc.poll() is None:
+            time.sleep(0.005)
+    delay = rng.uniform(*delay_range)
+    try:
+        proc.communicate(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    return proc.returncode == -signal.SIGKILL, delay
+
+
+KILL_RUN = ["--densities", "0.1", "0.3", "--epochs", "2", "--steps-per-epoch", "8",
+            "--train-samples", "8000", "--seed", "11", "--checkpoint-freq", "1",
+            "--log-level", "WARNING"]
+
+
+def test_kill_and_restore_matches_uninterrupted_run(mnist, tmp_path):
+    reference = tmp_path / "reference"
+    expected = train([*KILL_RUN, "--checkpoint-path", str(reference / "ckpt"),
+                      "--records-path", str(reference / "records")], mnist)
+
+    rng = np.random.default_rng()
+    # Between the first checkpoint (after 1 of 16 Rig-L steps) and the end of training,
+    # updates, records and checkpoint writes included. On a busy machine the run may
+    # finish first: then try again, aiming earlier.
+    window = 0.8 * expected["train_seconds"]
+    for attempt in range(4):
+        resumed = tmp_path / f"resumed{attempt}"
+        args = [*KILL_RUN, "--checkpoint-path", str(resumed / "ckpt"),
+                "--records-path", str(resumed / "records")]
+        killed, delay = kill_at_random(args, (0.0, window), rng,
+                                       after=resumed / "ckpt" / "checkpoint.json")
+        if killed:
+            break
+        window /= 3
+    assert killed, "every run ended before it could be killed"
+    restored = run_script([*args, "--restore", "--log-level", "INFO"])
+    out, err = restored.communicate(timeout=300)
+    assert restored.returncode == 0, err
+    assert f"restored {resumed / 'ckpt'} after" in out
+    assert (f"Test loss: {expected['test_loss']:.3f} Test accuracy: "
+            f"{expected['test_accuracy']:.3f}") in out
+    meta, arrays = final_checkpoint(resumed / "ckpt")
+    ref_meta, ref_arrays = final_checkpoint(reference / "ckpt")
+    assert_same_arrays(arrays, ref_arrays)
+    assert meta["rng_state"] == ref_meta["rng_state"] and meta["step"] == ref_meta["step"]
+    got, want = records(resumed / "records"), records(reference / "records")
+    assert sorted(got) == sorted(want), f"killed {delay:.2f} s after the first checkpoint"
+    for name in want:
+        assert_same_arrays(got[name], want[name])
+    assert not list((resumed / "ckpt").glob(".partial-*"))
+    assert len(list((resumed / "ckpt").glob("checkpoint-*.npz"))) == 1
+
+
+@pytest.mark.slow
+def test_repeated_kills_at_any_moment_then_restore(mnist, tmp_path):
+    """Several kills in a row, at moments spread over start-up, training and writes."""
+    reference = train([*KILL_RUN, "--checkpoint-path", str(tmp_path / "reference")], mnist)
+    args = [*KILL_RUN, "--checkpoint-path", str(tmp_path / "ckpt"), "--restore"]
+    rng = np.random.default_rng()
+    kills = 0
+    for _ in range(6):
+        killed, _ = kill_at_random(args, (3.0, 8.0), rng)
+        kills += killed
+    proc = run_script(args)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert kills >= 1
+    assert f"Test accuracy: {reference['test_accuracy']:.3f}" in out
+    assert_same_arrays(final_checkpoint(tmp_path / "ckpt")[1],
+                       final_checkpoint(tmp_path / "reference")[1])
+
+
+# ---- failures ---------------------------------------------------------------------------
+
+def run_main(argv, capsys):
+    try:
+        code = sparse_mnist.main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def bad_input_cases(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (garbage / name).write_bytes(b"\0\0\x08\x01\0\0\0\x64truncated")  # 100 bytes said, 9 held
+    return [
+        (["--densities", "0", "1"], "fc1 density must be in (0, 1]"),
+        (["--densities", "0.1", "1.5"], "fc2 density must be in (0, 1]"),
+        (["--densities", "0.1"], "--densities"),
+        (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
+        (["--block-size", "16", "--hidden-size", "100"], "--block-size 16 does not divide"),
+        (["--block-size", "3"], "invalid choice"),
+        (["--optimizer-arg", "momentum=0.9.1"], "not valid JSON"),
+        (["--optimizer-arg", "momentum"], "name=<json>"),
+        (["--optimizer-arg", "learning_rate=1"], "schedule"),
+        (["--optimizer", "adam", "--optimizer-arg", "momentum=0.9"],
+         "Adam has no option 'momentum'"),
+        (["--records-path", str(a_file / "records")], "--records-path"),
+        (["--checkpoint-path", str(a_file / "ckpt")], "--checkpoint-path"),
+        (["--restore"], "--restore needs --checkpoint-path"),
+        (["--data-dir", str(empty)], "no train-images-idx3-ubyte"),
+        (["--data-dir", str(garbage)], "truncated or padded"),
+        (["--droprate", "1"], "--droprate"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--train-samples", "10", "--batch-size", "4", "--steps-per-epoch", "5"],
+         "fewer than --steps-per-epoch"),
+    ]
+
+
+def test_bad_input_gives_one_line(tmp_path, capsys):
+    for argv, message in bad_input_cases(tmp_path):
+        code, err = run_main([*argv, "--epochs", "1", "--log-level", "WARNING"], capsys)
+        assert code not in (0, None), argv
+        assert err.count("\n") == 1 and err.startswith("sparse_mnist.py: error:"), (argv, err)
+        assert message in err, (argv, err)
+
+
+def test_nan_loss_stops_training(mnist, capsys):
+    code, err = run_main([*SMALL, "--optimizer-arg", "momentum=1e30"], capsys)
+    assert code == 1
+    assert err.count("\n") == 1 and "the loss became NaN/Inf at training step" in err, err
+
+
+def test_nan_dense_gradient_stops_before_touching_any_pattern():
+    from ipu_sparse_ops import optimizers
+
+    args = sparse_mnist.parse_args([*SMALL, "--hidden-size", "32"])
+    model = sparse_mnist.Model(args, 3)
+    optimizer = optimizers.make_optimizer("momentum", 0.1)
+    optimizer.build(model.trainable_variables())
+    before = {name: layer.get_triplets() for name, layer in model.sparse_layers.items()}
+    good = [np.ones(layer.dense_grad_anchor.shape, np.float32)
+            for layer in model.sparse_layers.values()]
+    for bad in (np.nan, np.inf):
+        grads = [g.copy() for g in good]
+        grads[1][3, 4] = bad  # fc2's gradient is bad: fc1 must not change either
+        with pytest.raises(sparse_mnist.TrainingError, match="fc2: .* NaN/Inf"):
+            sparse_mnist.update_patterns(model, optimizer, grads, 0, 3, args,
+                                         np.random.default_rng(0))
+        for name, layer in model.sparse_layers.items():
+            after = layer.get_triplets()
+            np.testing.assert_array_equal(after.row_indices, before[name].row_indices)
+            np.testing.assert_array_equal(after.col_indices, before[name].col_indices)
+    moved = sparse_mnist.update_patterns(model, optimizer, good, 0, 3, args,
+                                         np.random.default_rng(0))
+    # Update 0 of 3 moves ceil(0.3 * nnz) connections: fc1 784x32 at 0.1, fc2 32x10 at 0.3.
+    assert moved == {"fc1": 753, "fc2": 29}
+    assert {name: layer.nnz for name, layer in model.sparse_layers.items()} == {
+        "fc1": 2509, "fc2": 96}
+
+
+def test_corrupt_or_foreign_checkpoint_gives_one_line(mnist, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    train([*SMALL, "--checkpoint-path", str(ckpt)], mnist)
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    code, err = run_main([*SMALL, "--seed", "4", "--checkpoint-path", str(ckpt), "--restore"],
+                         capsys)
+    assert code == 2 and err.count("\n") == 1 and "belongs to another run: seed=3" in err, err
+    npz = ckpt / meta["arrays"]
+    blob = bytearray(npz.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    npz.write_bytes(bytes(blob))
+    code, err = run_main([*SMALL, "--checkpoint-path", str(ckpt), "--restore"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "corrupt checkpoint" in err, err
+    (ckpt / "checkpoint.json").write_text("{not json")
+    code, err = run_main([*SMALL, "--checkpoint-path", str(ckpt), "--restore"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "corrupt checkpoint" in err, err
+
+
+def test_script_runs_from_the_repo_root_without_pythonpath():
+    for argv, message in ((["--densities", "0", "1"], "density must be in (0, 1]"),
+                          (["--help"], None)):
+        proc = run_script(argv)
+        out, err = proc.communicate(timeout=120)
+        if message is None:
+            assert proc.returncode == 0 and "--steps-per-epoch" in out and not err
+        else:
+            assert proc.returncode == 2 and err.count("\n") == 1 and message in err, err
+
+
+# ---- sweep and plot ---------------------------------------------------------------------
+
+def fake_results(path, runs):
+    path.write_text(json.dumps({"version": 1, "runs": {
+        f"{v}/seed{s}": {"variant": v, "seed": s, "status": "done", "test_accuracy": acc,
+                         "test_loss": 0.1, "samples_per_second": 1000.0,
+                         "args": experiment.variant_args(v, ["0.1", "0.3"])
+                         + ["--seed", str(s), "--epochs", "10"]}
+        for (v, s), acc in runs.items()}}))
+
+
+def test_sweep_skips_finished_runs_and_records_failures(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    fake_results(results, {("dense", 1): 0.98, ("rigl", 1): 0.97})
+    assert experiment.main(["--output", str(results), "--dry-run", "--seeds", "1", "2"]) == 0
+    todo = [line for line in capsys.readouterr().out.splitlines() if "sparse_mnist.py" in line]
+    assert len(todo) == 6 and not any("--densities 1 1 --seed 1 " in t + " " for t in todo)
+    # A run that fails is stored as failed (not finished) and the sweep exits non-zero.
+    code = experiment.main(["--output", str(results), "--variants", "static", "--seeds", "1",
+                            "--", "--droprate", "1"])
+    assert code == 1
+    assert capsys.readouterr().err == "experiment.py: error: 1 run(s) failed; rerun to retry them\n"
+    stored = json.loads(results.read_text())["runs"]
+    assert stored["static/seed1"]["status"] == "failed"
+    assert "--droprate must be in [0, 1)" in stored["static/seed1"]["error"]
+    assert stored["dense/seed1"]["status"] == "done"  # earlier results kept
+    results.write_text("{broken")
+    assert experiment.main(["--output", str(results), "--dry-run"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_plotter_table_and_png(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    fake_results(results, {("dense", 1): 0.984, ("dense", 2): 0.986, ("static", 1): 0.970,
+                           ("static", 2): 0.972, ("rigl", 1): 0.976, ("rigl", 2): 0.978})
+    assert result_plotter.main(["--results", str(results)]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| Dense | 1 / 1 | 2 | 98.50 ± 0.14 | 98.4 – 98.6 |" in table
+    assert "| Rig-L | 0.1 / 0.3 | 2 | 97.70 ± 0.14 |" in table
+    assert "Random" not in table  # no runs, no row
+    assert table.index("Static") < table.index("Rig-L")
+    with Image.open(tmp_path / "results.png") as png:
+        assert png.size[0] > 300
+    assert result_plotter.main(["--results", str(tmp_path / "missing.json")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_sweep_runs_the_script(tmp_path):
+    results = tmp_path / "results.json"
+    argv = ["--output", str(results), "--variants", "rigl", "--seeds", "1", "--epochs", "1",
+            "--", "--train-samples", "2000", "--steps-per-epoch", "2"]
+    assert experiment.main(argv) == 0
+    run = json.loads(results.read_text())["runs"]["rigl/seed1"]
+    assert run["status"] == "done" and 0.1 < run["test_accuracy"] <= 1.0
+    assert run["samples_per_second"] > 0
