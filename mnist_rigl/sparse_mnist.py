@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="optimizer option, repeatable, e.g. momentum=0.95 "
                              "nesterov=true (Adam: beta1, beta2, epsilon)")
     parser.add_argument("--records-path", type=Path, default=None,
-                        help="folder for fc1's pattern at step 0 and after every update "
-                             "(weights_fc1_NNNNNN.npz, for visualise_connectivity.py)")
+                        help="folder for fc1's pattern before training and after every "
+                             "Rig-L update, weights_fc1_NNNNNN.npz with NNNNNN the number of "
+                             "updates so far (for visualise_connectivity.py)")
     parser.add_argument("--checkpoint-path", type=Path, default=None,
                         help="folder for checkpoints (written atomically)")
     parser.add_argument("--checkpoint-freq", type=int, default=5,
@@ -289,14 +290,14 @@ def remove_stale_temps(folder: Path) -> None:
             stale.unlink()
 
 
-def write_record(folder: Path, step: int, layer) -> None:
-    """fc1's current connections (just-grown zeros included) as weights_fc1_{step}.npz."""
+def write_record(folder: Path, updates: int, layer) -> None:
+    """fc1's current connections (just-grown zeros included) after `updates` Rig-L updates."""
     triplets = layer.get_triplets()
     arrays = {"row_indices": triplets.row_indices, "col_indices": triplets.col_indices,
               "values": triplets.values}
     if layer.spec.block_size > 1:
         arrays["block_size"] = np.array(layer.spec.block_size)
-    write_atomically(folder / RECORD_NAME.format(step=step), lambda f: np.savez(f, **arrays))
+    write_atomically(folder / RECORD_NAME.format(step=updates), lambda f: np.savez(f, **arrays))
 
 
 # ---- model -----------------------------------------------------------------------------
@@ -638,7 +639,7 @@ def train(args: argparse.Namespace, data) -> dict:
         samples += count * args.batch_size
         step += count
         if update and args.records_path is not None:
-            write_record(args.records_path, step, model.fc1)
+            write_record(args.records_path, segment + 1, model.fc1)  # named by Rig-L updates done
         logger.info(
             "Rig-L step %d/%d  epoch %d/%d  step %d/%d  lr %.3g  loss %.4f  acc %.3f%s  %.0f "
             "samples/s", segment + 1, plan.total_segments, epoch + 1, plan.epochs, step,
