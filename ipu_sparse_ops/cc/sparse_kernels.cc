@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -31,30 +32,79 @@ const internal::IsaKernels& Kernels() {
   return *kernels;
 }
 
-// The pattern of W^T: for each input block i, the output blocks holding a
-// non-zero in block-row i (ascending), and where each block sits in W's order.
-struct TransposedPattern {
+// W^T in the forward kernel's form: for each input block i, the output blocks
+// holding a non-zero in block-row i (ascending), with their values copied in
+// that order and each block transposed. Copying once costs less than reading
+// the blocks in W's scattered order for every batch chunk.
+struct TransposedWeights {
   std::vector<int32_t> col_offsets;
   std::vector<int32_t> row_indices;
-  std::vector<int32_t> value_perm;
+  std::unique_ptr<float[]> values;
 };
 
-TransposedPattern Transpose(const BlockPattern& pattern) {
+// Output-column ranges counted and scattered independently: enough to keep
+// every thread busy, few enough that their per-row counters stay small.
+constexpr int64_t kTransposeParts = 16;
+
+// A counting sort by input block, parallel over output-column ranges: each
+// range counts its rows, a prefix sum over (row, range) gives every range its
+// own slots, and each range scatters in column order (keeping rows ascending).
+TransposedWeights Transpose(const BlockPattern& pattern, const float* values,
+                            const ParallelFor& parallel_for) {
+  const int64_t rows = pattern.input_blocks;
+  const int64_t bs = pattern.block_size;
   const int64_t nnz = pattern.num_blocks();
-  TransposedPattern t;
-  t.col_offsets.assign(pattern.input_blocks + 1, 0);
-  t.row_indices.resize(nnz);
-  t.value_perm.resize(nnz);
-  for (int64_t k = 0; k < nnz; ++k) ++t.col_offsets[pattern.row_indices[k] + 1];
-  for (int64_t i = 0; i < pattern.input_blocks; ++i) t.col_offsets[i + 1] += t.col_offsets[i];
-  std::vector<int32_t> cursor(t.col_offsets.begin(), t.col_offsets.end() - 1);
-  for (int64_t j = 0; j < pattern.output_blocks; ++j) {
-    for (int32_t k = pattern.col_offsets[j]; k < pattern.col_offsets[j + 1]; ++k) {
-      const int32_t slot = cursor[pattern.row_indices[k]]++;
-      t.row_indices[slot] = static_cast<int32_t>(j);
-      t.value_perm[slot] = k;
+  const int64_t parts = std::min(kTransposeParts, pattern.output_blocks);
+  std::vector<int64_t> part_begin(parts + 1);  // first output block of each range
+  for (int64_t q = 0; q <= parts; ++q) part_begin[q] = pattern.output_blocks * q / parts;
+  const int64_t cost_per_part = (nnz / parts + 1) * (bs * bs * 2 + 4);
+
+  std::vector<int32_t> slots(parts * rows, 0);  // counts, then first slots
+  parallel_for(parts, cost_per_part, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      int32_t* count = slots.data() + q * rows;
+      const int32_t k_end = pattern.col_offsets[part_begin[q + 1]];
+      for (int32_t k = pattern.col_offsets[part_begin[q]]; k < k_end; ++k) {
+        ++count[pattern.row_indices[k]];
+      }
+    }
+  });
+  // Exclusive prefix sum over (row, range), in two sequential sweeps of the
+  // [range][row] counts (a sweep down each row would miss the cache at each step).
+  TransposedWeights t;
+  t.col_offsets.assign(rows + 1, 0);
+  for (int64_t q = 0; q < parts; ++q)
+    for (int64_t i = 0; i < rows; ++i) t.col_offsets[i + 1] += slots[q * rows + i];
+  for (int64_t i = 0; i < rows; ++i) t.col_offsets[i + 1] += t.col_offsets[i];
+  std::vector<int32_t> next(t.col_offsets.begin(), t.col_offsets.end() - 1);
+  for (int64_t q = 0; q < parts; ++q) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const int32_t count = slots[q * rows + i];
+      slots[q * rows + i] = next[i];
+      next[i] += count;
     }
   }
+  t.row_indices.resize(nnz);
+  t.values.reset(new float[nnz * bs * bs]);
+  parallel_for(parts, cost_per_part, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      int32_t* cursor = slots.data() + q * rows;
+      for (int64_t j = part_begin[q]; j < part_begin[q + 1]; ++j) {
+        for (int32_t k = pattern.col_offsets[j]; k < pattern.col_offsets[j + 1]; ++k) {
+          const int32_t slot = cursor[pattern.row_indices[k]]++;
+          t.row_indices[slot] = static_cast<int32_t>(j);
+          const float* block = values + int64_t{k} * bs * bs;
+          float* transposed = t.values.get() + int64_t{slot} * bs * bs;
+          if (bs == 1) {  // most patterns: keep the general loop out of their way
+            *transposed = *block;
+            continue;
+          }
+          for (int64_t r = 0; r < bs; ++r)
+            for (int64_t c = 0; c < bs; ++c) transposed[c * bs + r] = block[r * bs + c];
+        }
+      }
+    }
+  });
   return t;
 }
 
@@ -64,19 +114,21 @@ void SparseMatmul(const BlockPattern& pattern, const float* values,
                   const float* lhs, int64_t batch, float* out,
                   const ParallelFor& parallel_for) {
   if (batch == 0) return;
-  Kernels().matmul(pattern, values, nullptr, lhs, batch, out, parallel_for);
+  Kernels().matmul(pattern, values, lhs, batch, out, parallel_for);
 }
 
 void SparseMatmulGradInput(const BlockPattern& pattern, const float* values,
                            const float* grad_out, int64_t batch,
                            float* grad_lhs, const ParallelFor& parallel_for) {
   if (batch == 0) return;
-  const TransposedPattern t = Transpose(pattern);
+  if (Kernels().grad_input_scatter(pattern, values, grad_out, batch, grad_lhs, parallel_for)) {
+    return;
+  }
+  const TransposedWeights t = Transpose(pattern, values, parallel_for);
   const BlockPattern transposed = {pattern.output_blocks, pattern.input_blocks,
                                    pattern.block_size, t.col_offsets.data(),
                                    t.row_indices.data()};
-  Kernels().matmul(transposed, values, t.value_perm.data(), grad_out, batch,
-                   grad_lhs, parallel_for);
+  Kernels().matmul(transposed, t.values.get(), grad_out, batch, grad_lhs, parallel_for);
 }
 
 void SparseMatmulGradValues(const BlockPattern& pattern, const float* lhs,

@@ -2,11 +2,17 @@
 //
 // The batch is the vector dimension: activations are packed to
 // [chunk][row][nv Vecs], a chunk holding nv * kLanes batch rows, so one row of
-// a chunk is a contiguous run and a block's rows follow each other. Each
-// non-zero block then updates block_size x nv accumulator vectors that stay in
-// registers (at most kMaxAccumulators of them).
+// a chunk is a contiguous run and a block's rows follow each other.
+// - Forward (and, on W^T, the input gradient): each output column keeps
+//   ColumnTile x nv accumulators in registers while its non-zero blocks stream
+//   past; the input rows are visited in L2-sized panels.
+// - Grad-values (SDDMM): one chunk as wide as the batch, so each dot product
+//   reads two contiguous rows; tiles of rows share every load.
 #include <algorithm>
+#include <cstring>
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "sparse_kernels_isa.h"
 
@@ -21,12 +27,74 @@ namespace ipu_sparse_ops {
 namespace internal {
 namespace {
 
+// Vec is one native vector register; accumulators leave room for the operands.
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;            // floats per Vec
-constexpr int kMaxAccumulators = 16;  // Vec registers a forward tile may use
+constexpr int kMaxAccumulators = 24;  // of 32 registers
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+constexpr int kMaxAccumulators = 12;  // of 16 registers
+#else
+constexpr int kLanes = 4;
+constexpr int kMaxAccumulators = 12;
+#endif
 constexpr int64_t kPackRowTile = 64;  // rows per packing work item
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
+template <size_t... I>
+inline Vec InterleaveLow(Vec a, Vec b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (I % 2 ? kLanes + I / 2 : I / 2)...);
+}
+template <size_t... I>
+inline Vec InterleaveHigh(Vec a, Vec b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (I % 2 ? kLanes + kLanes / 2 + I / 2 : kLanes / 2 + I / 2)...);
+}
+
+// Transposes kLanes x kLanes floats in registers: log2(kLanes) perfect
+// shuffles of the rows (row i with row i + kLanes / 2) are a transpose.
+inline void TransposeInRegisters(Vec (&rows)[kLanes]) {
+  constexpr auto kIndices = std::make_index_sequence<kLanes>();
+  for (int stage = 1; stage < kLanes; stage *= 2) {
+    Vec shuffled[kLanes];
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes / 2; ++i) {
+      shuffled[2 * i] = InterleaveLow(rows[i], rows[i + kLanes / 2], kIndices);
+      shuffled[2 * i + 1] = InterleaveHigh(rows[i], rows[i + kLanes / 2], kIndices);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes; ++i) rows[i] = shuffled[i];
+  }
+}
+
+// out[i] = the sum of the lanes of acc[i], for N accumulators: each kLanes of
+// them are transposed and added, which costs a few shuffles per sum instead of
+// a reduction tree per accumulator (it decides the SDDMM's speed at small batch).
+template <int N>
+inline void HorizontalSums(const Vec (&acc)[N], float (&out)[N]) {
+  static_assert(N % kLanes == 0, "HorizontalSums takes whole groups of kLanes");
+#pragma GCC unroll 4
+  for (int g = 0; g < N; g += kLanes) {
+    Vec rows[kLanes];
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes; ++i) rows[i] = acc[g + i];
+    TransposeInRegisters(rows);
+    Vec sums = rows[0];
+#pragma GCC unroll 16
+    for (int i = 1; i < kLanes; ++i) sums += rows[i];
+    std::memcpy(out + g, &sums, sizeof(Vec));
+  }
+}
+
+inline Vec LoadUnaligned(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+inline void StoreUnaligned(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
 // Activations laid out as [chunks][rows][nv] Vecs, zero-padded past the batch.
+// Pack and Unpack transpose kLanes x kLanes tiles in registers; only the edges
+// of a size that is not a multiple of kLanes go element by element.
 class Packed {
  public:
   Packed(int64_t batch, int64_t rows, int nv)
@@ -43,17 +111,30 @@ class Packed {
   void Pack(const float* src, int64_t batch, const ParallelFor& parallel_for) {
     const int64_t width = nv_ * kLanes;
     const int64_t tiles = (rows_ + kPackRowTile - 1) / kPackRowTile;
-    parallel_for(chunks_ * tiles, kPackRowTile * width * 2,
-                 [&](int64_t begin, int64_t end) {
+    parallel_for(chunks_ * tiles, kPackRowTile * width * 2, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t c = u / tiles;
         const int64_t r0 = (u % tiles) * kPackRowTile;
         const int64_t r1 = std::min(rows_, r0 + kPackRowTile);
+        const int64_t r_vec_end = r0 + (r1 - r0) / kLanes * kLanes;
         float* dst = reinterpret_cast<float*>(chunk(c));
-        for (int64_t i = 0; i < width; ++i) {
-          const int64_t b = c * width + i;
-          for (int64_t r = r0; r < r1; ++r) {
-            dst[r * width + i] = b < batch ? src[b * rows_ + r] : 0.0f;
+        for (int64_t i0 = 0; i0 < width; i0 += kLanes) {
+          const int64_t b0 = c * width + i0;
+          if (b0 + kLanes <= batch) {
+            for (int64_t r = r0; r < r_vec_end; r += kLanes) {
+              Vec tile[kLanes];
+#pragma GCC unroll 16
+              for (int i = 0; i < kLanes; ++i) tile[i] = LoadUnaligned(src + (b0 + i) * rows_ + r);
+              TransposeInRegisters(tile);
+#pragma GCC unroll 16
+              for (int i = 0; i < kLanes; ++i) StoreUnaligned(dst + (r + i) * width + i0, tile[i]);
+            }
+            for (int64_t r = r_vec_end; r < r1; ++r)
+              for (int i = 0; i < kLanes; ++i) dst[r * width + i0 + i] = src[(b0 + i) * rows_ + r];
+          } else {
+            for (int64_t r = r0; r < r1; ++r)
+              for (int i = 0; i < kLanes; ++i)
+                dst[r * width + i0 + i] = b0 + i < batch ? src[(b0 + i) * rows_ + r] : 0.0f;
           }
         }
       }
@@ -64,17 +145,30 @@ class Packed {
   void Unpack(float* dst, int64_t batch, const ParallelFor& parallel_for) const {
     const int64_t width = nv_ * kLanes;
     const int64_t tiles = (rows_ + kPackRowTile - 1) / kPackRowTile;
-    parallel_for(chunks_ * tiles, kPackRowTile * width * 2,
-                 [&](int64_t begin, int64_t end) {
+    parallel_for(chunks_ * tiles, kPackRowTile * width * 2, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t c = u / tiles;
         const int64_t r0 = (u % tiles) * kPackRowTile;
         const int64_t r1 = std::min(rows_, r0 + kPackRowTile);
+        const int64_t r_vec_end = r0 + (r1 - r0) / kLanes * kLanes;
         const float* src = reinterpret_cast<const float*>(chunk(c));
-        const int64_t b_end = std::min(width, batch - c * width);
-        for (int64_t i = 0; i < b_end; ++i) {
-          float* out_row = dst + (c * width + i) * rows_;
-          for (int64_t r = r0; r < r1; ++r) out_row[r] = src[r * width + i];
+        for (int64_t i0 = 0; i0 < width && c * width + i0 < batch; i0 += kLanes) {
+          const int64_t b0 = c * width + i0;
+          if (b0 + kLanes <= batch) {
+            for (int64_t r = r0; r < r_vec_end; r += kLanes) {
+              Vec tile[kLanes];
+#pragma GCC unroll 16
+              for (int i = 0; i < kLanes; ++i) tile[i] = LoadUnaligned(src + (r + i) * width + i0);
+              TransposeInRegisters(tile);
+#pragma GCC unroll 16
+              for (int i = 0; i < kLanes; ++i) StoreUnaligned(dst + (b0 + i) * rows_ + r, tile[i]);
+            }
+            for (int64_t r = r_vec_end; r < r1; ++r)
+              for (int i = 0; i < kLanes; ++i) dst[(b0 + i) * rows_ + r] = src[r * width + i0 + i];
+          } else {
+            for (int64_t b = b0; b < batch; ++b)
+              for (int64_t r = r0; r < r1; ++r) dst[b * rows_ + r] = src[r * width + b - c * width];
+          }
         }
       }
     });
@@ -87,60 +181,110 @@ class Packed {
   std::unique_ptr<Vec[]> data_;
 };
 
-// Vecs per chunk: enough to cover the batch, capped by the register budget.
-int ChooseNv(int64_t batch, int64_t block_size) {
-  const int max_nv = kMaxAccumulators / static_cast<int>(block_size);
-  int nv = 1;
-  while (nv < max_nv && nv * kLanes < batch) nv *= 2;
-  return nv;
+// Columns of a block one pass of the forward kernel accumulates. Per block row
+// a pass loads NV Vecs of x and broadcasts TC weights for TC * NV FMAs, so the
+// best split of the register budget is near TC = NV; 4 columns leave NV = 3 on
+// AVX2 (12 accumulators) and NV = 6 on AVX-512 (24).
+constexpr int ColumnTile(int block_size) { return std::min(block_size, 4); }
+
+// Candidate chunk widths (in Vecs) the forward kernel is compiled for, besides
+// the register limit kMaxAccumulators / ColumnTile itself.
+constexpr int kNvCandidates[] = {1, 2, 4, 8, 16};
+
+// Vecs per chunk: balances the loads each FMA needs ((nv + tc) / (nv * tc))
+// against the zero padding a wide chunk adds to the batch.
+int ChooseNv(int64_t batch, int column_tile) {
+  const int max_nv = kMaxAccumulators / column_tile;
+  auto score = [&](int nv) {
+    const int64_t width = int64_t{nv} * kLanes;
+    const int64_t padded = (batch + width - 1) / width * width;
+    return double(batch) / padded * nv * column_tile / (nv + column_tile);
+  };
+  int best = max_nv;
+  for (int nv : kNvCandidates) {
+    if (nv < max_nv && score(nv) > score(best)) best = nv;
+  }
+  return best;
 }
 
-inline float HorizontalSum(Vec v) {
-  float sum = 0.0f;
-#pragma GCC unroll 16
-  for (int i = 0; i < kLanes; ++i) sum += v[i];
-  return sum;
-}
+// Bytes of x one row panel spans: about half an L2, so the panel stays there
+// while every column of a work item takes its non-zeros from it (random rows
+// of a larger x would come from L3, which the cores share).
+constexpr int64_t kPanelBytes = 256 * 1024;
+// Output columns that sweep the panels together; their cursors live on the stack.
+constexpr int64_t kColumnGroup = 128;
 
-// y[columns j0..j1) of one chunk. Block k of W is values[k] (row-major), or
-// values[perm[k]] transposed when kPermuted.
-template <int BS, int NV, bool kPermuted>
-void MatmulColumns(const BlockPattern& pattern, const float* values,
-                   const int32_t* perm, const Vec* x, Vec* y, int64_t j0,
-                   int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    Vec acc[BS][NV];
+// acc (+)= the blocks k in [k_begin, k_end) of one column, on TC of its columns.
+template <int BS, int NV, int TC>
+inline void AccumulateColumn(const int32_t* row_indices, const float* values,
+                             const Vec* x, int c0, int32_t k_begin, int32_t k_end,
+                             Vec (&acc)[TC][NV]) {
+  for (int32_t k = k_begin; k < k_end; ++k) {
+    const Vec* xr = x + int64_t{row_indices[k]} * BS * NV;
+    const float* w = values + int64_t{k} * BS * BS;
 #pragma GCC unroll 16
-    for (int c = 0; c < BS; ++c)
+    for (int r = 0; r < BS; ++r) {
+      Vec xv[NV];
 #pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) acc[c][v] = Vec{};
-    for (int32_t k = pattern.col_offsets[j]; k < pattern.col_offsets[j + 1]; ++k) {
-      const Vec* xr = x + int64_t{pattern.row_indices[k]} * BS * NV;
-      const float* w = values + int64_t{kPermuted ? perm[k] : k} * BS * BS;
+      for (int v = 0; v < NV; ++v) xv[v] = xr[r * NV + v];
 #pragma GCC unroll 16
-      for (int r = 0; r < BS; ++r) {
+      for (int c = 0; c < TC; ++c) {
+        const float wc = w[r * BS + c0 + c];
 #pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) {
-          const Vec xv = xr[r * NV + v];
-#pragma GCC unroll 16
-          for (int c = 0; c < BS; ++c) {
-            acc[c][v] += xv * (kPermuted ? w[c * BS + r] : w[r * BS + c]);
-          }
-        }
+        for (int v = 0; v < NV; ++v) acc[c][v] += xv[v] * wc;
       }
     }
-    Vec* yc = y + j * BS * NV;
-#pragma GCC unroll 16
-    for (int c = 0; c < BS; ++c)
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) yc[c * NV + v] = acc[c][v];
   }
 }
 
-template <int BS, int NV, bool kPermuted>
+// y[columns j0..j1) of one chunk; block k of W is values[k] (row-major). The
+// input rows are swept in L2-sized panels; a cursor per column remembers where
+// its next panel starts (rows increase within a column), and partial sums wait
+// in y between panels.
+template <int BS, int NV>
+void MatmulColumns(const BlockPattern& pattern, const float* values,
+                   const Vec* x, Vec* y, int64_t j0, int64_t j1) {
+  constexpr int TC = ColumnTile(BS);
+  constexpr int64_t kPanelRows = std::max<int64_t>(1, kPanelBytes / (BS * NV * sizeof(Vec)));
+  const int32_t* row_indices = pattern.row_indices;
+  for (int64_t g0 = j0; g0 < j1; g0 += kColumnGroup) {
+    const int64_t g1 = std::min(j1, g0 + kColumnGroup);
+    int32_t cursor[kColumnGroup];
+    for (int64_t j = g0; j < g1; ++j) cursor[j - g0] = pattern.col_offsets[j];
+    for (int64_t p0 = 0; p0 < pattern.input_blocks; p0 += kPanelRows) {
+      const bool first = p0 == 0;
+      const int64_t p1 = p0 + kPanelRows;
+      for (int64_t j = g0; j < g1; ++j) {
+        const int32_t k_begin = cursor[j - g0];
+        int32_t k_end = pattern.col_offsets[j + 1];
+        if (p1 < pattern.input_blocks) {
+          k_end = static_cast<int32_t>(
+              std::lower_bound(row_indices + k_begin, row_indices + k_end, p1) - row_indices);
+        }
+        cursor[j - g0] = k_end;
+        if (k_begin == k_end && !first) continue;
+        for (int c0 = 0; c0 < BS; c0 += TC) {
+          Vec* yc = y + (j * BS + c0) * NV;
+          Vec acc[TC][NV];
+#pragma GCC unroll 16
+          for (int c = 0; c < TC; ++c)
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) acc[c][v] = first ? Vec{} : yc[c * NV + v];
+          AccumulateColumn<BS, NV, TC>(row_indices, values, x, c0, k_begin, k_end, acc);
+#pragma GCC unroll 16
+          for (int c = 0; c < TC; ++c)
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) yc[c * NV + v] = acc[c][v];
+        }
+      }
+    }
+  }
+}
+
+template <int BS, int NV>
 void MatmulTiled(const BlockPattern& pattern, const float* values,
-                 const int32_t* perm, const float* lhs, int64_t batch,
-                 float* out, const ParallelFor& parallel_for) {
+                 const float* lhs, int64_t batch, float* out,
+                 const ParallelFor& parallel_for) {
   const int64_t out_blocks = pattern.output_blocks;
   Packed x(batch, pattern.input_blocks * BS, NV);
   Packed y(batch, out_blocks * BS, NV);
@@ -152,115 +296,177 @@ void MatmulTiled(const BlockPattern& pattern, const float* values,
       const int64_t c = u / out_blocks;
       const int64_t j0 = u % out_blocks;
       const int64_t j1 = std::min(out_blocks, j0 + (end - u));
-      MatmulColumns<BS, NV, kPermuted>(pattern, values, perm, x.chunk(c),
-                                       y.chunk(c), j0, j1);
+      MatmulColumns<BS, NV>(pattern, values, x.chunk(c), y.chunk(c), j0, j1);
       u += j1 - j0;
     }
   });
   y.Unpack(out, batch, parallel_for);
 }
 
-template <int BS, bool kPermuted>
-void MatmulForBlockSize(const BlockPattern& pattern, const float* values,
-                        const int32_t* perm, const float* lhs, int64_t batch,
-                        float* out, const ParallelFor& parallel_for) {
-  const int nv = ChooseNv(batch, BS);
-  if constexpr (BS * 16 <= kMaxAccumulators) {
-    if (nv == 16) return MatmulTiled<BS, 16, kPermuted>(pattern, values, perm, lhs, batch, out, parallel_for);
-    if (nv == 8) return MatmulTiled<BS, 8, kPermuted>(pattern, values, perm, lhs, batch, out, parallel_for);
-  }
-  if constexpr (BS * 4 <= kMaxAccumulators) {
-    if (nv == 4) return MatmulTiled<BS, 4, kPermuted>(pattern, values, perm, lhs, batch, out, parallel_for);
-  }
-  if constexpr (BS * 2 <= kMaxAccumulators) {
-    if (nv == 2) return MatmulTiled<BS, 2, kPermuted>(pattern, values, perm, lhs, batch, out, parallel_for);
-  }
-  MatmulTiled<BS, 1, kPermuted>(pattern, values, perm, lhs, batch, out, parallel_for);
-}
-
-template <bool kPermuted>
-void MatmulAnyBlock(const BlockPattern& pattern, const float* values,
-                    const int32_t* perm, const float* lhs, int64_t batch,
-                    float* out, const ParallelFor& parallel_for) {
-  switch (pattern.block_size) {
-    case 1: return MatmulForBlockSize<1, kPermuted>(pattern, values, perm, lhs, batch, out, parallel_for);
-    case 4: return MatmulForBlockSize<4, kPermuted>(pattern, values, perm, lhs, batch, out, parallel_for);
-    case 8: return MatmulForBlockSize<8, kPermuted>(pattern, values, perm, lhs, batch, out, parallel_for);
-    case 16: return MatmulForBlockSize<16, kPermuted>(pattern, values, perm, lhs, batch, out, parallel_for);
-  }
-}
-
-void Matmul(const BlockPattern& pattern, const float* values,
-            const int32_t* value_perm, const float* lhs, int64_t batch,
-            float* out, const ParallelFor& parallel_for) {
-  if (value_perm == nullptr) {
-    MatmulAnyBlock<false>(pattern, values, nullptr, lhs, batch, out, parallel_for);
-  } else {
-    MatmulAnyBlock<true>(pattern, values, value_perm, lhs, batch, out, parallel_for);
-  }
-}
-
-// Dot products over the whole batch between TR rows of x and TC rows of dy,
-// kept as TR x TC independent accumulator chains.
-template <int TR, int TC, int NV>
-inline void DotTile(const Packed& x, const int64_t (&x_rows)[TR],
-                    const Packed& dy, int64_t dy_row, float (&out)[TR][TC]) {
-  Vec acc[TR][TC];
-#pragma GCC unroll 16
-  for (int r = 0; r < TR; ++r)
-#pragma GCC unroll 16
-    for (int c = 0; c < TC; ++c) acc[r][c] = Vec{};
-  for (int64_t chunk = 0; chunk < x.chunks(); ++chunk) {
-    const Vec* xc = x.chunk(chunk);
-    const Vec* dyc = dy.chunk(chunk) + dy_row * NV;
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) {
-#pragma GCC unroll 16
-      for (int r = 0; r < TR; ++r) {
-        const Vec xv = xc[x_rows[r] * NV + v];
-#pragma GCC unroll 16
-        for (int c = 0; c < TC; ++c) acc[r][c] += xv * dyc[c * NV + v];
-      }
+// Runs MatmulTiled<BS, kNv> if nv == kNv and that many Vecs fit the registers.
+template <int BS, int kNv>
+bool MatmulIfNv(int nv, const BlockPattern& pattern, const float* values,
+                const float* lhs, int64_t batch, float* out,
+                const ParallelFor& parallel_for) {
+  if constexpr (kNv * ColumnTile(BS) <= kMaxAccumulators) {
+    if (nv == kNv) {
+      MatmulTiled<BS, kNv>(pattern, values, lhs, batch, out, parallel_for);
+      return true;
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < TR; ++r)
-#pragma GCC unroll 16
-    for (int c = 0; c < TC; ++c) out[r][c] = HorizontalSum(acc[r][c]);
+  return false;
 }
 
-// grad_values for the blocks of columns [j0, j1).
-template <int BS, int NV>
-void GradValuesColumns(const BlockPattern& pattern, const Packed& x,
-                       const Packed& dy, float* grad_values, int64_t j0,
-                       int64_t j1) {
+template <int BS>
+void MatmulForBlockSize(const BlockPattern& pattern, const float* values,
+                        const float* lhs, int64_t batch, float* out,
+                        const ParallelFor& parallel_for) {
+  constexpr int kMaxNv = kMaxAccumulators / ColumnTile(BS);
+  const int nv = ChooseNv(batch, ColumnTile(BS));
+  // The same candidates as ChooseNv: kNvCandidates, then kMaxNv.
+  MatmulIfNv<BS, 1>(nv, pattern, values, lhs, batch, out, parallel_for) ||
+      MatmulIfNv<BS, 2>(nv, pattern, values, lhs, batch, out, parallel_for) ||
+      MatmulIfNv<BS, 4>(nv, pattern, values, lhs, batch, out, parallel_for) ||
+      MatmulIfNv<BS, 8>(nv, pattern, values, lhs, batch, out, parallel_for) ||
+      MatmulIfNv<BS, 16>(nv, pattern, values, lhs, batch, out, parallel_for) ||
+      MatmulIfNv<BS, kMaxNv>(nv, pattern, values, lhs, batch, out, parallel_for);
+}
+
+void Matmul(const BlockPattern& pattern, const float* values, const float* lhs,
+            int64_t batch, float* out, const ParallelFor& parallel_for) {
+  switch (pattern.block_size) {
+    case 1: return MatmulForBlockSize<1>(pattern, values, lhs, batch, out, parallel_for);
+    case 4: return MatmulForBlockSize<4>(pattern, values, lhs, batch, out, parallel_for);
+    case 8: return MatmulForBlockSize<8>(pattern, values, lhs, batch, out, parallel_for);
+    case 16: return MatmulForBlockSize<16>(pattern, values, lhs, batch, out, parallel_for);
+  }
+}
+
+// Chunk width (in Vecs) of the element-wise input gradient: the chunk's Vecs
+// of a dy column stay in registers for all of that column's non-zeros, and
+// narrow chunks give the threads more of them to share.
+constexpr int kScatterNv = 4;
+// Below this many multiply-adds one thread finishes the scatter sooner than
+// the transposed pattern would be built, however narrow the batch.
+constexpr int64_t kScatterSmallWork = int64_t{1} << 22;
+
+// grad_lhs = grad_out @ W^T for an element-wise W without transposing the
+// pattern: non-zero W[i, j] adds W[i, j] * dy[:, j] to dx[:, i]. Threads own
+// batch chunks, so no two write one row; rows go in L2-sized panels with a
+// cursor per column, as in the forward kernel. Declines (returns false) when
+// the batch has a single chunk and the work is large: that would leave the
+// other threads idle.
+bool GradInputScatter(const BlockPattern& pattern, const float* values,
+                      const float* grad_out, int64_t batch, float* grad_lhs,
+                      const ParallelFor& parallel_for) {
+  constexpr int NV = kScatterNv;
+  constexpr int64_t kPanelRows = kPanelBytes / (NV * sizeof(Vec));
+  if (pattern.block_size != 1) return false;
+  const int64_t nnz = pattern.num_blocks();
+  if (batch <= NV * kLanes && nnz * batch > kScatterSmallWork) return false;
+  const int64_t rows = pattern.input_blocks;
+  const int64_t columns = pattern.output_blocks;
+  const int32_t* row_indices = pattern.row_indices;
+  Packed dy(batch, columns, NV);
+  Packed dx(batch, rows, NV);
+  dy.Pack(grad_out, batch, parallel_for);
+  parallel_for(dx.chunks(), (nnz + rows) * NV * 3, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> cursor(columns);
+    for (int64_t c = begin; c < end; ++c) {
+      Vec* dxc = dx.chunk(c);
+      const Vec* dyc = dy.chunk(c);
+      std::fill(dxc, dxc + rows * NV, Vec{});
+      std::copy(pattern.col_offsets, pattern.col_offsets + columns, cursor.begin());
+      for (int64_t p1 = kPanelRows; p1 - kPanelRows < rows; p1 += kPanelRows) {
+        for (int64_t j = 0; j < columns; ++j) {
+          int32_t k = cursor[j];
+          const int32_t k_end = pattern.col_offsets[j + 1];
+          if (k == k_end || row_indices[k] >= p1) continue;
+          Vec dyv[NV];
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; ++v) dyv[v] = dyc[j * NV + v];
+          for (; k < k_end && row_indices[k] < p1; ++k) {
+            Vec* dxr = dxc + int64_t{row_indices[k]} * NV;
+            const float w = values[k];
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) dxr[v] += w * dyv[v];
+          }
+          cursor[j] = k;
+        }
+      }
+    }
+  });
+  dx.Unpack(grad_lhs, batch, parallel_for);
+  return true;
+}
+
+// acc[r][c] += x_rows[r][v] * dy_rows[c][v] for v < nv: TR x TC
+// independent accumulator chains, each Vec loaded serving TC or TR FMAs.
+template <int TR, int TC>
+inline void DotTile(const Vec* const (&x_rows)[TR], const Vec* const (&dy_rows)[TC],
+                    int64_t nv, Vec (&acc)[TR][TC]) {
+  for (int64_t v = 0; v < nv; ++v) {
+    Vec dyv[TC];
+#pragma GCC unroll 16
+    for (int c = 0; c < TC; ++c) dyv[c] = dy_rows[c][v];
+#pragma GCC unroll 16
+    for (int r = 0; r < TR; ++r) {
+      const Vec xv = x_rows[r][v];
+#pragma GCC unroll 16
+      for (int c = 0; c < TC; ++c) acc[r][c] += xv * dyv[c];
+    }
+  }
+}
+
+// Non-zeros of a column that share each load of dy in the element-wise SDDMM.
+constexpr int kDotGroup = kMaxAccumulators >= 16 ? 16 : 8;
+// Rows x columns of a block tile in the block SDDMM: (r + c) / (r * c) loads
+// per FMA. Fewer rows of x than of dy: x rows change with every block, while
+// the column's dy rows stay in L1 for all its blocks.
+constexpr int kDotTileRows = kMaxAccumulators >= 16 ? 4 : 2;
+constexpr int kDotTileCols = 4;
+
+// grad_values for the blocks of columns [j0, j1). x and dy are packed as one
+// chunk of nv Vecs per row, so every dot product streams contiguous memory.
+template <int BS>
+void GradValuesColumns(const BlockPattern& pattern, const Vec* x, const Vec* dy,
+                       int64_t nv, float* grad_values, int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; ++j) {
     const int32_t k_begin = pattern.col_offsets[j];
     const int32_t k_end = pattern.col_offsets[j + 1];
     if constexpr (BS == 1) {
-      // Four non-zeros of the column share each load of dy.
-      constexpr int kGroup = 4;
-      for (int32_t k = k_begin; k < k_end; k += kGroup) {
-        const int n = std::min<int32_t>(kGroup, k_end - k);
-        int64_t rows[kGroup];
-        for (int e = 0; e < kGroup; ++e) rows[e] = pattern.row_indices[k + std::min(e, n - 1)];
-        float dots[kGroup][1];
-        DotTile<kGroup, 1, NV>(x, rows, dy, j, dots);
-        for (int e = 0; e < n; ++e) grad_values[k + e] = dots[e][0];
+      const Vec* const dy_row[1] = {dy + j * nv};
+      for (int32_t k = k_begin; k < k_end; k += kDotGroup) {
+        // A short last group repeats its last row rather than branch per row.
+        const int n = std::min<int32_t>(kDotGroup, k_end - k);
+        const Vec* x_rows[kDotGroup];
+        for (int e = 0; e < kDotGroup; ++e) {
+          x_rows[e] = x + int64_t{pattern.row_indices[k + std::min(e, n - 1)]} * nv;
+        }
+        Vec acc[kDotGroup][1] = {};
+        DotTile<kDotGroup, 1>(x_rows, dy_row, nv, acc);
+        float dots[kDotGroup];
+        HorizontalSums(reinterpret_cast<const Vec(&)[kDotGroup]>(acc), dots);
+        for (int e = 0; e < n; ++e) grad_values[k + e] = dots[e];
       }
     } else {
-      // A 4 x 4 tile of the block at a time.
-      constexpr int kTile = 4;
       for (int32_t k = k_begin; k < k_end; ++k) {
-        const int64_t row0 = int64_t{pattern.row_indices[k]} * BS;
+        const Vec* x_block = x + int64_t{pattern.row_indices[k]} * BS * nv;
+        const Vec* dy_block = dy + j * BS * nv;
         float* g = grad_values + int64_t{k} * BS * BS;
-        for (int r0 = 0; r0 < BS; r0 += kTile) {
-          const int64_t rows[kTile] = {row0 + r0, row0 + r0 + 1, row0 + r0 + 2, row0 + r0 + 3};
-          for (int c0 = 0; c0 < BS; c0 += kTile) {
-            float dots[kTile][kTile];
-            DotTile<kTile, kTile, NV>(x, rows, dy, j * BS + c0, dots);
-            for (int r = 0; r < kTile; ++r)
-              for (int c = 0; c < kTile; ++c) g[(r0 + r) * BS + c0 + c] = dots[r][c];
+        for (int r0 = 0; r0 < BS; r0 += kDotTileRows) {
+          const Vec* x_rows[kDotTileRows];
+          for (int r = 0; r < kDotTileRows; ++r) x_rows[r] = x_block + (r0 + r) * nv;
+          for (int c0 = 0; c0 < BS; c0 += kDotTileCols) {
+            const Vec* dy_rows[kDotTileCols];
+            for (int c = 0; c < kDotTileCols; ++c) dy_rows[c] = dy_block + (c0 + c) * nv;
+            Vec acc[kDotTileRows][kDotTileCols] = {};
+            DotTile<kDotTileRows, kDotTileCols>(x_rows, dy_rows, nv, acc);
+            float dots[kDotTileRows * kDotTileCols];
+            HorizontalSums(reinterpret_cast<const Vec(&)[kDotTileRows * kDotTileCols]>(acc), dots);
+            for (int r = 0; r < kDotTileRows; ++r)
+              for (int c = 0; c < kDotTileCols; ++c)
+                g[(r0 + r) * BS + c0 + c] = dots[r * kDotTileCols + c];
           }
         }
       }
@@ -272,18 +478,17 @@ template <int BS>
 void GradValuesForBlockSize(const BlockPattern& pattern, const float* lhs,
                             const float* grad_out, int64_t batch,
                             float* grad_values, const ParallelFor& parallel_for) {
-  // Chunks are summed inside DotTile, so one chunk width serves every batch.
-  constexpr int kNv = 1;
-  Packed x(batch, pattern.input_blocks * BS, kNv);
-  Packed dy(batch, pattern.output_blocks * BS, kNv);
+  // One chunk as wide as the batch: a dot product is then one contiguous run.
+  const int64_t nv = (batch + kLanes - 1) / kLanes;
+  Packed x(batch, pattern.input_blocks * BS, static_cast<int>(nv));
+  Packed dy(batch, pattern.output_blocks * BS, static_cast<int>(nv));
   x.Pack(lhs, batch, parallel_for);
   dy.Pack(grad_out, batch, parallel_for);
   const int64_t blocks_per_column =
       pattern.num_blocks() / pattern.output_blocks + 1;
-  parallel_for(pattern.output_blocks,
-               blocks_per_column * BS * BS * x.chunks() * kLanes * 2,
+  parallel_for(pattern.output_blocks, blocks_per_column * BS * BS * nv * kLanes * 2,
                [&](int64_t begin, int64_t end) {
-    GradValuesColumns<BS, kNv>(pattern, x, dy, grad_values, begin, end);
+    GradValuesColumns<BS>(pattern, x.chunk(0), dy.chunk(0), nv, grad_values, begin, end);
   });
 }
 
@@ -300,7 +505,7 @@ void GradValues(const BlockPattern& pattern, const float* lhs,
 
 }  // namespace
 
-extern const IsaKernels IPU_ISA_TABLE = {IPU_ISA_NAME, &Matmul, &GradValues};
+extern const IsaKernels IPU_ISA_TABLE = {IPU_ISA_NAME, &Matmul, &GradInputScatter, &GradValues};
 
 }  // namespace internal
 }  // namespace ipu_sparse_ops

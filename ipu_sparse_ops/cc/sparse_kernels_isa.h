@@ -13,12 +13,17 @@ namespace internal {
 
 struct IsaKernels {
   const char* name;
-  // out = lhs @ W. With value_perm == nullptr block k of the pattern is
-  // values[k]; otherwise it is values[value_perm[k]] transposed (the pattern
-  // being W^T's), which turns the forward kernel into the input gradient.
+  // out = lhs @ W, block k of the pattern being values[k] (row-major). Run on
+  // W^T's pattern and transposed blocks it is the input gradient.
   void (*matmul)(const BlockPattern& pattern, const float* values,
-                 const int32_t* value_perm, const float* lhs, int64_t batch,
-                 float* out, const ParallelFor& parallel_for);
+                 const float* lhs, int64_t batch, float* out,
+                 const ParallelFor& parallel_for);
+  // grad_lhs = grad_out @ W^T, scattering each non-zero of an element-wise W
+  // (no transposed pattern to build). Returns false, having done nothing, for
+  // block patterns and where matmul on W^T is faster (see the kernel).
+  bool (*grad_input_scatter)(const BlockPattern& pattern, const float* values,
+                             const float* grad_out, int64_t batch,
+                             float* grad_lhs, const ParallelFor& parallel_for);
   // grad_values[k] = lhs^T grad_out on block k, for k < pattern.num_blocks().
   void (*grad_values)(const BlockPattern& pattern, const float* lhs,
                       const float* grad_out, int64_t batch, float* grad_values,
