@@ -1,4 +1,6 @@
 # make -j      builds the TensorFlow op library and the pybind11 host utilities
+# make mnist   the main job: sparse MNIST with Rig-L and its connectivity GIF
+# make bench   the performance table (make bench-quick: a one-minute subset)
 # make test    installs what is missing, builds, fetches MNIST, runs the tests
 # make test-slow  the longer training runs
 # make clean   removes what make built
@@ -34,7 +36,7 @@ PLAIN_OBJS := $(BUILD)/sparse_pattern.o $(BUILD)/sparse_kernels.o \
               $(foreach isa,$(ISAS),$(BUILD)/sparse_kernels_isa_$(isa).o)
 TF_OBJS := $(BUILD)/sparse_matmul_ops.o $(BUILD)/sparse_matmul_kernels.o
 
-.PHONY: all clean deps data test test-slow selfcheck
+.PHONY: all clean deps data test test-slow selfcheck mnist bench bench-quick
 all: $(OP_LIB) $(HOST_UTILS)
 
 $(OP_LIB): $(TF_OBJS) $(PLAIN_OBJS)
@@ -80,8 +82,21 @@ test: all $(DATA_STAMP)
 test-slow: all $(DATA_STAMP)
 	$(PYTHON) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 
+# The performance table (op vs tf.matmul, and MNIST end to end); bench-quick is a subset.
+bench: all $(DATA_STAMP)
+	PYTHONPATH=. $(PYTHON) bench/benchmark.py
+bench-quick: all $(DATA_STAMP)
+	PYTHONPATH=. $(PYTHON) bench/benchmark.py --quick
+
 selfcheck: all
 	$(PYTHON) ipu_sparse_ops/tools/sparse_matmul.py
+
+# The main job: sparse MNIST with Rig-L, then fc1's connectivity as PNGs and a GIF.
+RECORDS := rigl_records
+mnist: all $(DATA_STAMP)
+	$(PYTHON) mnist_rigl/sparse_mnist.py --densities 0.1 0.3 --records-path $(RECORDS)
+	$(PYTHON) mnist_rigl/visualise_connectivity.py --records-path $(RECORDS) --animate
+	$(PYTHON) mnist_rigl/visualise_connectivity.py --records-path $(RECORDS)
 
 clean:
 	rm -rf $(BUILD) $(OP_LIB) $(HOST_UTILS)
@@ -89,3 +104,44 @@ clean:
 # Header dependencies written by -MMD; they are never rebuilt by a rule.
 $(BUILD)/%.d: ;
 -include $(wildcard $(BUILD)/*.d)
+
+# AddressSanitizer build of the op and the host utilities (same sources, same
+# TensorFlow flags) under build/asan/, for the fuzz suite only: run_asan.py
+# loads it in a child process with the ASan runtime preloaded. ASAN_SRC and
+# ASAN_BUILD let a copy of the sources be built elsewhere.
+ASAN_SRC ?= $(CC_DIR)
+ASAN_BUILD ?= $(BUILD)/asan
+ASAN_FLAGS := -fsanitize=address -fno-omit-frame-pointer -O1 -g
+ASAN_CXXFLAGS := $(filter-out -O3,$(CXXFLAGS)) $(ASAN_FLAGS)
+ASAN_LIB := $(ASAN_BUILD)/libsparse_matmul_ops.so
+ASAN_HOST_UTILS := $(ASAN_BUILD)/$(notdir $(HOST_UTILS))
+ASAN_PLAIN_OBJS := $(ASAN_BUILD)/sparse_pattern.o $(ASAN_BUILD)/sparse_kernels.o \
+                   $(foreach isa,$(ISAS),$(ASAN_BUILD)/sparse_kernels_isa_$(isa).o)
+ASAN_TF_OBJS := $(ASAN_BUILD)/sparse_matmul_ops.o $(ASAN_BUILD)/sparse_matmul_kernels.o
+.PHONY: asan test-fuzz-asan
+asan: $(ASAN_LIB) $(ASAN_HOST_UTILS)
+
+$(ASAN_LIB): $(ASAN_TF_OBJS) $(ASAN_PLAIN_OBJS)
+	$(CXX) -shared $(ASAN_FLAGS) -o $@ $^ $(TF_LFLAGS)
+
+$(ASAN_HOST_UTILS): $(ASAN_SRC)/host_utils.cc $(ASAN_BUILD)/sparse_pattern.o | $(ASAN_BUILD) $(DEPS_STAMP)
+	$(CXX) $(ASAN_CXXFLAGS) -MF $(ASAN_BUILD)/host_utils.d -std=c++17 -shared $(shell $(PYTHON) -m pybind11 --includes) -o $@ $< $(ASAN_BUILD)/sparse_pattern.o
+
+$(ASAN_BUILD)/sparse_pattern.o $(ASAN_BUILD)/sparse_kernels.o: $(ASAN_BUILD)/%.o: $(ASAN_SRC)/%.cc | $(ASAN_BUILD)
+	$(CXX) $(ASAN_CXXFLAGS) -std=c++17 -c -o $@ $<
+
+$(ASAN_BUILD)/sparse_kernels_isa_%.o: $(ASAN_SRC)/sparse_kernels_isa.cc | $(ASAN_BUILD)
+	$(CXX) $(ASAN_CXXFLAGS) -std=c++17 $(ISA_FLAGS_$*) -c -o $@ $<
+
+$(ASAN_TF_OBJS): $(ASAN_BUILD)/%.o: $(ASAN_SRC)/%.cc $(TF_FLAGS_MK) | $(ASAN_BUILD)
+	$(CXX) $(ASAN_CXXFLAGS) -Wno-deprecated-declarations $(TF_CFLAGS) -c -o $@ $<
+
+$(ASAN_BUILD):
+	mkdir -p $@
+
+# A bounded fuzz run (tests/test_fuzz_op.py, profile `asan`) against the ASan
+# build in a child process; fails on any ASan report, crash or wrong result.
+test-fuzz-asan: asan $(OP_LIB)
+	$(PYTHON) tests/fuzz/run_asan.py --library $(ASAN_LIB) --host-utils $(ASAN_HOST_UTILS) --isa best,generic
+
+-include $(wildcard $(ASAN_BUILD)/*.d)

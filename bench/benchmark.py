@@ -19,6 +19,7 @@ import itertools
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -237,9 +238,38 @@ def main(argv: Sequence[str]) -> int:
     print_row([header for header, _, _ in COLUMNS])
     for case in cases(args.quick):
         print_row(benchmark_case(Problem(case, dtype, rng), args.repeats))
-    # Hook: the end-to-end MNIST table (samples/s of sparse_mnist.py against the
-    # dense Keras model, and the host Rig-L share of wall time) is printed here.
+    print()
+    mnist_end_to_end(epochs=1 if args.quick else 2)
     return 0
+
+
+MNIST_CONFIGS = {  # name: sparse_mnist.py flags
+    "dense layers (1 / 1)": ["--densities", "1", "1"],
+    "sparse 0.1/0.3": ["--densities", "0.1", "0.3"],
+    "sparse 0.1/0.3, fc1 block 16": ["--densities", "0.1", "0.3", "--block-size", "16",
+                                     "--pooling-type", "SUM"],
+}
+
+
+def mnist_end_to_end(epochs: int) -> None:
+    """samples/s of sparse_mnist.py (default batch 16) and the host Rig-L share of its time."""
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "mnist_rigl" / "sparse_mnist.py"
+    print(f"End to end: mnist_rigl/sparse_mnist.py, {epochs} epoch(s), batch 16, seed 0")
+    row = "{:<30} {:>10} {:>8} {:>8}".format
+    print(row("model", "samples/s", "x dense", "Rig-L %"))
+    dense_rate = None
+    for name, flags in MNIST_CONFIGS.items():
+        out = subprocess.run([sys.executable, str(script), *flags, "--epochs", str(epochs),
+                              "--seed", "0", "--log-level", "WARNING"],
+                             capture_output=True, text=True, check=True).stdout
+        rate = float(re.search(r"Throughput: (\d+) samples/s", out).group(1))
+        share = re.search(r"\(([\d.]+)% of training time\)", out)
+        dense_rate = dense_rate or rate
+        print(row(name, f"{rate:.0f}", f"{rate / dense_rate:.2f}",
+                  share.group(1) if share else "-"), flush=True)
 
 
 if __name__ == "__main__":

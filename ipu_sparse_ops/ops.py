@@ -15,7 +15,9 @@ import tensorflow as tf  # noqa: E402
 
 from ipu_sparse_ops.sparse import MatmulSpec, Representation
 
-_LIBRARY_PATH = Path(__file__).with_name("libsparse_matmul_ops.so")
+# IPU_SPARSE_OPS_LIBRARY picks another build (the fuzz suite's AddressSanitizer one).
+_LIBRARY_PATH = Path(os.environ.get("IPU_SPARSE_OPS_LIBRARY")
+                     or Path(__file__).with_name("libsparse_matmul_ops.so"))
 if not _LIBRARY_PATH.exists():
     raise ImportError(f"{_LIBRARY_PATH} is missing: run `make -j` in the repository root first")
 _ops = tf.load_op_library(str(_LIBRARY_PATH))

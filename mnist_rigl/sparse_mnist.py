@@ -614,7 +614,7 @@ def train(args: argparse.Namespace, data) -> dict:
 
     train_segment = make_train_segment(model, optimizer, plan, x_train, y_train, rates,
                                        dense_grads=do_updates and args.regrow == "rigl")
-    samples, train_seconds = 0, 0.0
+    samples, train_seconds, update_seconds = 0, 0.0, 0.0
     epoch_seconds: dict[int, float] = {}
     for segment in range(segments_done, plan.total_segments):
         epoch, first, count = plan.segment(segment)
@@ -631,8 +631,10 @@ def train(args: argparse.Namespace, data) -> dict:
                                 f"(epoch {epoch + 1})")
         moved = {}
         if update:
+            update_started = time.perf_counter()
             moved = update_patterns(model, optimizer, [g.numpy() for g in dense_grads],
                                     segment, plan.num_updates, args, rng)
+            update_seconds += time.perf_counter() - update_started
         elapsed = time.perf_counter() - started
         train_seconds += elapsed
         epoch_seconds[epoch] = epoch_seconds.get(epoch, 0.0) + elapsed
@@ -659,7 +661,8 @@ def train(args: argparse.Namespace, data) -> dict:
     traces = train_segment.experimental_get_tracing_count()
     logger.debug("the training loop was traced %d time(s)", traces)
     return {"test_loss": test_loss, "test_accuracy": test_accuracy, "samples": samples,
-            "train_seconds": train_seconds, "epoch_seconds": epoch_seconds, "traces": traces}
+            "train_seconds": train_seconds, "update_seconds": update_seconds,
+            "epoch_seconds": epoch_seconds, "traces": traces}
 
 
 def main(argv=None) -> int:
@@ -686,6 +689,8 @@ def main(argv=None) -> int:
         print(f"Throughput: {results['samples'] / results['train_seconds']:.0f} samples/s "
               f"({results['samples']} samples in {results['train_seconds']:.1f} s; "
               f"{sum(epochs.values()) / len(epochs):.1f} s per epoch)")
+        print(f"Host Rig-L updates: {results['update_seconds']:.2f} s "
+              f"({100 * results['update_seconds'] / results['train_seconds']:.1f}% of training time)")
     return 0
 
 

@@ -26,6 +26,10 @@ using ParallelFor = std::function<void(
 
 enum class Pooling { kNone, kSum, kAvg, kMax };
 
+// Preconditions of every function below: the pattern has been validated and
+// both its block counts are at least 1 (the op returns zeros for an empty W
+// without calling in here).
+
 // out[batch, output] = lhs[batch, input] @ W.
 void SparseMatmul(const BlockPattern& pattern, const float* values,
                   const float* lhs, int64_t batch, float* out,

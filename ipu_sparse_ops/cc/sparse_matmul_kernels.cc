@@ -101,6 +101,18 @@ void CheckMatrix(OpKernelContext* ctx, const Tensor& t, const char* name) {
               InvalidArgument(name, " must be a matrix, got shape ", t.shape().DebugString()));
 }
 
+// A W without elements ([0, n] or [n, 0]) makes every product zero. The
+// kernels are not asked: they assume both sizes positive (they would divide by
+// a zero block count, or leave the output unwritten).
+bool EmptyWeight(const BlockPattern& pattern) {
+  return pattern.input_blocks == 0 || pattern.output_blocks == 0;
+}
+
+template <typename T>
+void SetZero(Tensor* t) {
+  t->flat<T>().setZero();
+}
+
 template <typename T>
 class SparseMatmulOp : public OpKernel {
  public:
@@ -136,6 +148,7 @@ class SparseMatmulOp : public OpKernel {
 
     Tensor* product = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {lhs.dim_size(0), output_size}, &product));
+    if (EmptyWeight(pattern)) return SetZero<T>(product);
     Tensor lhs_scratch, values_scratch;
     const float* lhs_data = nullptr;
     OP_REQUIRES_OK(ctx, FloatData<T>(ctx, lhs, &lhs_scratch, &lhs_data));
@@ -175,6 +188,7 @@ class SparseMatmulGradInputOp : public OpKernel {
 
     Tensor* grad_lhs = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {grad.dim_size(0), input_size_}, &grad_lhs));
+    if (EmptyWeight(pattern)) return SetZero<T>(grad_lhs);
     Tensor grad_scratch, values_scratch;
     const float* grad_data = nullptr;
     OP_REQUIRES_OK(ctx, FloatData<T>(ctx, grad, &grad_scratch, &grad_data));
@@ -219,6 +233,7 @@ class SparseMatmulGradValuesOp : public OpKernel {
 
     Tensor* grad_values = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {capacity, block_size_, block_size_}, &grad_values));
+    if (EmptyWeight(pattern)) return SetZero<T>(grad_values);
     Tensor lhs_scratch, grad_scratch;
     const float* lhs_data = nullptr;
     OP_REQUIRES_OK(ctx, FloatData<T>(ctx, lhs, &lhs_scratch, &lhs_data));
@@ -268,7 +283,8 @@ class SparseMatmulDenseGradOp : public OpKernel {
     const int64_t pool = pooled ? block_size_ : 1;
     Tensor* output = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {rows / pool, cols / pool}, &output));
-    if (!compute.scalar<bool>()()) {
+    // An empty batch sums nothing: Eigen's contraction over it writes nothing.
+    if (!compute.scalar<bool>()() || lhs.dim_size(0) == 0) {
       output->flat<T>().setZero();
       return;
     }
