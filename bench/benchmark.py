@@ -52,6 +52,7 @@ def configure_threads() -> None:
     tf.config.threading.set_intra_op_parallelism_threads(INTRA_OP_THREADS)
     # One inter-op thread: the calls of a timed run execute one after another.
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.get_logger().setLevel("ERROR")  # each timed op is its own tf.function: no retrace warnings
 
 
 class Timed:
