@@ -71,8 +71,24 @@ def check_finite(name: str, dense_grad) -> None:
             "corrupts the sparsity pattern")
 
 
+def per_element(spec: MatmulSpec, real_elements) -> np.ndarray:
+    """[input_blocks, output_blocks] factor turning a block sum into a sum per real element.
+
+    `real_elements[r, c]` counts the elements of block (r, c) inside the real
+    (unpadded) matrix; the factor is bs^2 / count, and 0 for a block wholly in
+    the padding, so such a block is pruned first and never grown.
+    """
+    real = np.asarray(real_elements, dtype=np.float64)
+    if real.shape != (spec.input_blocks, spec.output_blocks):
+        raise ValueError(f"real_elements has shape {real.shape}, expected "
+                         f"{(spec.input_blocks, spec.output_blocks)}")
+    if np.any(real < 0) or np.any(real > spec.block_size ** 2):
+        raise ValueError(f"real_elements must be in [0, {spec.block_size ** 2}]")
+    return np.divide(spec.block_size ** 2, real, out=np.zeros_like(real), where=real > 0)
+
+
 def rigl_update(layer, optimizer, dense_grad, n_prune: int, regrow: str,
-                rng: np.random.Generator | None) -> int:
+                rng: np.random.Generator | None, *, real_elements=None) -> int:
     """Prune the n_prune weakest connections of `layer`, regrow as many, push the pattern.
 
     Args:
@@ -85,13 +101,20 @@ def rigl_update(layer, optimizer, dense_grad, n_prune: int, regrow: str,
         n_prune: how many connections (blocks) to move; 0 leaves the layer as is.
         regrow: "rigl" (grow where the gradient is largest) or "random" (SET).
         rng: seeded generator; needed for "random" only.
+        real_elements: optional [input_blocks, output_blocks] count of each block's
+            elements that are real, for a layer whose sizes were padded up to the
+            block size (`transformer.TokenLinear.real_elements()`). Block
+            magnitudes, and summed gradient scores (pooling NONE, SUM, AVG), are
+            then compared per real element: otherwise a block half in the padding
+            looks half as strong, and e.g. the last classes of a 10-wide output
+            with 8 x 8 blocks lose their connections first.
 
     Returns:
         How many connections were grown.
 
     Raises:
         NonFiniteGradientError: NaN/Inf in the gradient (the layer is untouched).
-        ValueError: bad n_prune, regrow method or gradient shape.
+        ValueError: bad n_prune, regrow method, gradient or real_elements shape.
     """
     spec = layer.spec
     grad = None
@@ -99,9 +122,20 @@ def rigl_update(layer, optimizer, dense_grad, n_prune: int, regrow: str,
         check_finite(layer.name, dense_grad)
         grad = block_scores(spec, dense_grad)
     triplets = layer.get_triplets()
+    ranked = triplets
+    if real_elements is not None:
+        factor = per_element(spec, real_elements)
+        per_connection = factor[triplets.row_indices, triplets.col_indices]
+        values = np.asarray(triplets.values, dtype=np.float64)
+        ranked = triplets._replace(
+            values=values * per_connection.reshape((-1,) + (1,) * (values.ndim - 1)))
+        if grad is not None and spec.pooling_type != "MAX":
+            grad = (np.abs(grad) * factor).astype(np.float32)
     new, kept_from = sparse_training.prune_and_regrow(
-        triplets, n_prune, regrow, shape=(spec.input_blocks, spec.output_blocks),
+        ranked, n_prune, regrow, shape=(spec.input_blocks, spec.output_blocks),
         grad=grad, rng=rng)
+    if ranked is not triplets:  # the ranking used scaled values; keep the real ones
+        new = new._replace(values=sparse_training.follow_pattern(triplets.values, kept_from))
     slot_kept_from = layer.push_triplets(new, kept_from)
     if optimizer is not None:
         optimizer.follow_pattern(layer.nz_values, slot_kept_from)
@@ -110,7 +144,8 @@ def rigl_update(layer, optimizer, dense_grad, n_prune: int, regrow: str,
 
 def rigl_update_layers(layers: Mapping[str, object], optimizer, dense_grads: Mapping[str, object],
                        prune_counts: Mapping[str, int], regrow: str,
-                       rng: np.random.Generator | None) -> dict[str, int]:
+                       rng: np.random.Generator | None,
+                       real_elements: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
     """`rigl_update` on several layers, after checking every gradient is finite.
 
     Args:
@@ -118,6 +153,7 @@ def rigl_update_layers(layers: Mapping[str, object], optimizer, dense_grads: Map
             `rng` for random regrowth, so keep it stable for reproducible runs).
         dense_grads: name -> dense gradient (regrow "rigl"; may be empty for "random").
         prune_counts: name -> connections to move in that layer.
+        real_elements: optional name -> real element counts (see `rigl_update`).
 
     Returns:
         name -> number of connections grown.
@@ -128,6 +164,7 @@ def rigl_update_layers(layers: Mapping[str, object], optimizer, dense_grads: Map
             raise ValueError(f"no dense gradient for {', '.join(missing)}")
         for name in layers:
             check_finite(name, dense_grads[name])
+    real_elements = real_elements or {}
     return {name: rigl_update(layer, optimizer, dense_grads.get(name), prune_counts[name],
-                              regrow, rng)
+                              regrow, rng, real_elements=real_elements.get(name))
             for name, layer in layers.items()}
