@@ -15,8 +15,11 @@ is changed. `rigl_update_layers` checks every layer's gradient first, so a
 model is never left half updated.
 
 Used by `sparse_transformer_rigl_mnist.py` and meant for every script that
-trains `SparseFcLayer`s (`mnist_rigl/sparse_mnist.py` has the same step
-inline). A training script does, after the last step of a segment whose
+trains `SparseFcLayer`s. `rigl_update(layer, optimizer, dense_grad, n_prune,
+regrow, rng)` takes the arguments of `mnist_rigl/sparse_mnist.py`'s inline
+step, in the same order, and behaves the same, except that a NaN/Inf gradient
+raises `NonFiniteGradientError` (a ValueError) for the script to turn into its
+own one-line error. A training script does, after the last step of a segment whose
 dense gradients it fetched (the gradients with respect to each layer's
 `dense_grad_anchor`, computed on that step only)::
 

@@ -262,6 +262,33 @@ def test_rigl_update_keeps_values_and_slots_and_grows_at_the_largest_gradient():
         assert (float(m.numpy()[i, 0, 0]), float(v.numpy()[i, 0, 0])) == expected, key
 
 
+@pytest.mark.parametrize("pooling", ["NONE", "MAX"])
+def test_rigl_update_moves_blocks_with_their_slots(pooling):
+    rng = np.random.default_rng(4)
+    spec = MatmulSpec(16, 24, 9, 4, pooling_type=pooling)
+    flat = rng.choice(24, size=9, replace=False)
+    layer = layer_with(spec, flat // 6, flat % 6, rng.standard_normal((9, 4, 4)))
+    opt = optimizers.make_optimizer("Momentum", 0.1)
+    opt.build([layer.nz_values])
+    slot = opt.get_slot(layer.nz_values, "momentum")
+    slot.assign(rng.standard_normal(slot.shape).astype(np.float32))
+    before = as_dict(layer.get_triplets())
+    slot_before = dict(zip(before, slot.numpy()[:9].reshape(9, -1)))
+    grad = rng.random(spec.dense_grad_shape).astype(np.float32)
+    assert rigl.rigl_update(layer, opt, grad, 4, "rigl", None) == 4
+    after = as_dict(layer.get_triplets())
+    assert len(after) == 9 and len(set(after) - set(before)) == 4
+    for i, (key, value) in enumerate(after.items()):
+        if key in before:
+            np.testing.assert_array_equal(value, before[key])
+            np.testing.assert_array_equal(slot.numpy()[i].reshape(-1), slot_before[key])
+        else:
+            assert not value.any() and not slot.numpy()[i].any()
+    # The 4 weakest blocks (sum |w|) went.
+    mags = {key: np.abs(v).sum() for key, v in before.items()}
+    assert set(before) - set(after) == set(sorted(mags, key=mags.get)[:4])
+
+
 def test_rigl_update_refuses_a_nan_gradient_and_changes_nothing():
     spec = MatmulSpec(4, 3, 3, 1)
     layers = {"a": layer_with(spec, [0, 1, 2], [0, 1, 2], [1.0, 2.0, 3.0]),
