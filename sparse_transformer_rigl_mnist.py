@@ -31,17 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # repo root; no PYTHON
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines would bury ours
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from ipu_sparse_ops.cli import ArgumentParser  # noqa: E402
+from ipu_sparse_ops.training_run import SegmentPlan, write_atomically  # noqa: E402
 
 logger = logging.getLogger("sparse_transformer")
 
@@ -267,39 +266,6 @@ def _check_writable_dir(path: Path) -> None:
 
 # ---- plan ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Plan:
-    """How the run is cut: batches per epoch and the Rig-L segments of each epoch."""
-
-    batches_per_epoch: int
-    steps_per_epoch: int  # segments per epoch
-    epochs: int
-
-    @property
-    def total_steps(self) -> int:
-        return self.batches_per_epoch * self.epochs
-
-    @property
-    def total_segments(self) -> int:
-        return self.steps_per_epoch * self.epochs
-
-    @property
-    def num_updates(self) -> int:
-        """Pattern updates: after every segment but the last (nothing would train it)."""
-        return self.total_segments - 1
-
-    def segment(self, index: int) -> tuple[int, int, int]:
-        """(epoch, first batch within the epoch, batch count) of segment `index`."""
-        epoch, k = divmod(index, self.steps_per_epoch)
-        first = k * self.batches_per_epoch // self.steps_per_epoch
-        last = (k + 1) * self.batches_per_epoch // self.steps_per_epoch
-        return epoch, first, last - first
-
-    def lr_boundaries(self) -> list[int]:
-        """First global step of each learning-rate stage after the first."""
-        return [math.ceil(fraction * self.total_steps) for fraction, _ in LR_DECAY[1:]]
-
-
 def base_learning_rate(args) -> float:
     if args.learning_rate is not None:
         return args.learning_rate
@@ -326,7 +292,7 @@ def _images(images_uint8, dtype):
     return tf.cast(tf.cast(images_uint8, tf.float32) / 255.0, dtype)
 
 
-def make_train_segment(model, optimizer, plan: Plan, x_train, y_train, batch_size: int,
+def make_train_segment(model, optimizer, plan: SegmentPlan, x_train, y_train, batch_size: int,
                        base_lr: float, seed: int, dense_grads: bool):
     """One traced loop over the training steps of a segment (the IPU's device loop).
 
@@ -342,7 +308,7 @@ def make_train_segment(model, optimizer, plan: Plan, x_train, y_train, batch_siz
     trainables = model.trainable_variables_list()
     anchors = ([layer.dense_grad_anchor for layer in model.named_sparse_layers().values()]
                if dense_grads else [])
-    boundaries = tf.constant(plan.lr_boundaries(), tf.int64)
+    boundaries = tf.constant(plan.boundary_steps([fraction for fraction, _ in LR_DECAY[1:]]), tf.int64)
     rates = tf.constant([base_lr * factor for _, factor in LR_DECAY], tf.float32)
     warmup_steps = tf.constant(max(1.0, WARMUP_FRACTION * plan.total_steps), tf.float32)
     x_train = tf.convert_to_tensor(x_train)
@@ -417,18 +383,7 @@ def save_model(folder: Path, model, args, seed: int) -> Path:
     path = folder / CHECKPOINT_NAME
     arrays = dict(model.state())
     arrays["config"] = np.array(json.dumps({**model_config(args), "random_seed": seed}))
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    write_atomically(path, lambda f: np.savez(f, **arrays))
     return path
 
 
@@ -479,7 +434,7 @@ def train(args, x_train, y_train, seed: int):
     if batches_per_epoch < args.steps_per_epoch:
         raise UsageError(f"{n_train} training images make {batches_per_epoch} batches of "
                          f"{args.batch_size}, fewer than --steps-per-epoch {args.steps_per_epoch}")
-    plan = Plan(batches_per_epoch, args.steps_per_epoch, args.nepochs)
+    plan = SegmentPlan(batches_per_epoch, args.steps_per_epoch, args.nepochs)
     base_lr = base_learning_rate(args)
     options = dict(args.optimizer_options)
     if args.data_type == "fp16" and args.optimizer.lower() == "adam" and "epsilon" not in options:

@@ -16,13 +16,15 @@ Examples:
 import argparse
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root; no PYTHONPATH needed
+
+from ipu_sparse_ops.training_run import write_atomically  # noqa: E402
 
 logger = logging.getLogger("experiment")
 
@@ -74,19 +76,8 @@ def load_results(path: Path) -> dict:
 
 
 def save_results(path: Path, results: dict) -> None:
-    """Write to a temp file beside `path` and rename, so a kill leaves the last good file."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".partial-{path.name}")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    """Atomically, so a kill leaves the last good file."""
+    write_atomically(path, lambda f: f.write(json.dumps(results, indent=1).encode()))
 
 
 def run_one(run: dict, log_dir: Path) -> dict:

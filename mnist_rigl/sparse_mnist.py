@@ -36,10 +36,10 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
+from ipu_sparse_ops.training_run import TEMP_PREFIX, SegmentPlan, write_atomically
 from mnist_rigl.mnist_data import MnistError, load_mnist
 
 logger = logging.getLogger("sparse_mnist")
@@ -54,7 +54,6 @@ ADAM_LR = 0.002  # Adam uses one constant rate (also scaled by 16 / batch size)
 CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_VERSION = 1
 RECORD_NAME = "weights_fc1_{step:06d}.npz"
-TEMP_PREFIX = ".partial-"  # temp files: never match the record or checkpoint names
 # Flags that define the training trajectory: a checkpoint only resumes a run that agrees.
 RUN_DEFINING_FLAGS = (
     "densities", "droprate", "seed", "batch_size", "steps_per_epoch", "epochs",
@@ -209,44 +208,6 @@ def _check_writable_dir(path: Path, flag: str) -> None:
 
 # ---- schedule --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Plan:
-    """How the run is cut: batches per epoch, Rig-L segments and learning-rate steps."""
-
-    batches_per_epoch: int
-    steps_per_epoch: int  # Rig-L segments per epoch
-    epochs: int
-    batch_size: int
-
-    @property
-    def total_steps(self) -> int:
-        return self.batches_per_epoch * self.epochs
-
-    @property
-    def total_segments(self) -> int:
-        return self.steps_per_epoch * self.epochs
-
-    @property
-    def num_updates(self) -> int:
-        """Pattern updates: after every segment but the last (nothing would train the last)."""
-        return self.total_segments - 1
-
-    def segment(self, index: int) -> tuple[int, int, int]:
-        """(epoch, first batch within the epoch, batch count) of segment `index`."""
-        epoch, k = divmod(index, self.steps_per_epoch)
-        first = k * self.batches_per_epoch // self.steps_per_epoch
-        last = (k + 1) * self.batches_per_epoch // self.steps_per_epoch
-        return epoch, first, last - first
-
-    def first_step(self, index: int) -> int:
-        epoch, first, _ = self.segment(index)
-        return epoch * self.batches_per_epoch + first
-
-    def lr_boundary_steps(self) -> list[int]:
-        """First global step of each learning-rate stage after the first."""
-        return [math.ceil(fraction * self.total_steps) for fraction in LR_BOUNDARIES]
-
-
 def learning_rates(optimizer: str, batch_size: int) -> tuple[float, ...]:
     """The rate of each stage, scaled linearly with the batch size."""
     scale = batch_size / REFERENCE_BATCH_SIZE
@@ -255,33 +216,11 @@ def learning_rates(optimizer: str, batch_size: int) -> tuple[float, ...]:
     return tuple(lr * scale for lr in LR_VALUES)
 
 
-def learning_rate_at(step: int, plan: Plan, rates: tuple[float, ...]) -> float:
-    return rates[sum(step >= b for b in plan.lr_boundary_steps())]
+def learning_rate_at(step: int, plan: SegmentPlan, rates: tuple[float, ...]) -> float:
+    return rates[sum(step >= b for b in plan.boundary_steps(LR_BOUNDARIES))]
 
 
 # ---- files -----------------------------------------------------------------------------
-
-def write_atomically(path: Path, write) -> None:
-    """Call write(binary file) on a temp file beside `path`, then rename it into place."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX + path.name)
-    try:
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
 
 def remove_stale_temps(folder: Path) -> None:
     """Temp files a killed run left behind (never loaded; just tidied)."""
@@ -368,8 +307,8 @@ def normalised_batch(images_uint8, dtype):
     return tf.cast(x, dtype)
 
 
-def make_train_segment(model: Model, optimizer, plan: Plan, x_train, y_train, rates,
-                       dense_grads: bool):
+def make_train_segment(model: Model, optimizer, plan: SegmentPlan, batch_size: int, x_train,
+                       y_train, rates, dense_grads: bool):
     """One traced loop over the training steps of a segment (the IPU's device iterations).
 
     Returns a tf.function(perm, first_batch, num_batches, first_step, want_dense_grad)
@@ -380,12 +319,11 @@ def make_train_segment(model: Model, optimizer, plan: Plan, x_train, y_train, ra
     """
     import tensorflow as tf
 
-    batch_size = plan.batch_size
     dtype = model.fc1.compute_dtype
     trainables = model.trainable_variables()
     anchors = [layer.dense_grad_anchor for layer in model.sparse_layers.values()
                if dense_grads]
-    boundaries = tf.constant(plan.lr_boundary_steps(), tf.int64)
+    boundaries = tf.constant(plan.boundary_steps(LR_BOUNDARIES), tf.int64)
     rate_table = tf.constant(rates, tf.float32)
     x_train = tf.convert_to_tensor(x_train)
     y_train = tf.convert_to_tensor(y_train.astype(np.int32))
@@ -563,7 +501,7 @@ def train(args: argparse.Namespace, data) -> dict:
         raise UsageError(f"{n_train} training images make {batches_per_epoch} batches of "
                          f"{args.batch_size}, fewer than --steps-per-epoch "
                          f"{args.steps_per_epoch}")
-    plan = Plan(batches_per_epoch, args.steps_per_epoch, args.epochs, args.batch_size)
+    plan = SegmentPlan(batches_per_epoch, args.steps_per_epoch, args.epochs)
 
     checkpoint = None
     if args.restore:
@@ -612,8 +550,8 @@ def train(args: argparse.Namespace, data) -> dict:
                     else f"{layer.spec.block_size}x{layer.spec.block_size} blocks",
                     layer.density, getattr(layer, "capacity", "-"))
 
-    train_segment = make_train_segment(model, optimizer, plan, x_train, y_train, rates,
-                                       dense_grads=do_updates and args.regrow == "rigl")
+    train_segment = make_train_segment(model, optimizer, plan, args.batch_size, x_train, y_train,
+                                       rates, dense_grads=do_updates and args.regrow == "rigl")
     samples, train_seconds, update_seconds = 0, 0.0, 0.0
     epoch_seconds: dict[int, float] = {}
     for segment in range(segments_done, plan.total_segments):

@@ -63,7 +63,7 @@ def script_env():
 # ---- schedule ---------------------------------------------------------------------------
 
 def test_learning_rate_schedule_by_progress():
-    plan = sparse_mnist.Plan(batches_per_epoch=100, steps_per_epoch=5, epochs=10, batch_size=16)
+    plan = sparse_mnist.SegmentPlan(batches_per_epoch=100, steps_per_epoch=5, epochs=10)
     rates = sparse_mnist.learning_rates("Momentum", 16)
     assert rates == (0.02, 0.01, 0.005, 0.001, 0.0001)
     got = [sparse_mnist.learning_rate_at(s, plan, rates) for s in (0, 199, 200, 399, 400, 999)]
@@ -71,7 +71,7 @@ def test_learning_rate_schedule_by_progress():
     assert sparse_mnist.learning_rates("momentum", 32)[0] == pytest.approx(0.04)
     assert sparse_mnist.learning_rates("Adam", 8) == (0.001,) * 5
     # Segments tile each epoch exactly even when the counts do not divide.
-    odd = sparse_mnist.Plan(batches_per_epoch=10, steps_per_epoch=3, epochs=2, batch_size=16)
+    odd = sparse_mnist.SegmentPlan(batches_per_epoch=10, steps_per_epoch=3, epochs=2)
     segments = [odd.segment(i) for i in range(odd.total_segments)]
     assert segments == [(0, 0, 3), (0, 3, 3), (0, 6, 4), (1, 0, 3), (1, 3, 3), (1, 6, 4)]
     assert odd.num_updates == 5
