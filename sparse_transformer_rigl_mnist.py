@@ -34,13 +34,14 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from ipu_sparse_ops.cli import ArgumentParser  # noqa: E402
-from ipu_sparse_ops.training_run import SegmentPlan, write_atomically  # noqa: E402
+from ipu_sparse_ops.training_run import (  # noqa: E402
+    SegmentPlan, TrainingError, UsageError, check_writable_dir, parse_flags, report_failure,
+    write_atomically)
 
 logger = logging.getLogger("sparse_transformer")
 
@@ -70,14 +71,6 @@ CHECKPOINT_NAME = "sparse_transformer.npz"
 # Flags that fix the model's shape; a checkpoint only loads into a model that agrees.
 MODEL_FLAGS = ("attention_heads", "hidden_length", "qkv_length", "ff_length", "data_type",
                "sparsity", "block_size", "pooling_type")
-
-
-class UsageError(Exception):
-    """A bad flag or input; the message is one line for the user."""
-
-
-class TrainingError(Exception):
-    """Training cannot go on (NaN loss, NaN/Inf gradient); one line for the user."""
 
 
 # ---- command line ----------------------------------------------------------------------
@@ -171,13 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the flags; a bad one exits with one line on stderr (status 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except UsageError as e:
-        parser.error(str(e))
-    return args
+    return parse_flags(build_parser(), argv, check_args)
 
 
 def _positive(args, *names):
@@ -208,7 +195,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.mode == "test" and args.checkpoint_path is None:
         raise UsageError("--mode test needs --checkpoint-path (the folder --mode train wrote)")
     if args.checkpoint_path is not None and args.mode != "test":
-        _check_writable_dir(args.checkpoint_path)
+        check_writable_dir(args.checkpoint_path, "--checkpoint-path")
     # Last, as it imports TensorFlow.
     try:
         from ipu_sparse_ops.optimizers import make_optimizer, optimizer_class, parse_optimizer_args
@@ -252,16 +239,6 @@ def parse_cosine_schedule(text: str) -> dict:
         raise UsageError(f"--cosine-prune-schedule: zero_steps must be >= 0, "
                          f"got {merged['zero_steps']}")
     return merged
-
-
-def _check_writable_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise UsageError(f"--checkpoint-path {path} is not a writable folder "
-                         f"({e.strerror or e})") from None
 
 
 # ---- plan ------------------------------------------------------------------------------
@@ -573,15 +550,8 @@ def main(argv=None) -> int:
 
     try:
         return run(args)
-    except (UsageError, MnistError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
-    except TrainingError as e:
-        print(f"{PROG}: training stopped: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    except (UsageError, TrainingError, MnistError, OSError) as e:
+        return report_failure(PROG, e)
 
 
 if __name__ == "__main__":

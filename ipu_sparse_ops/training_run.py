@@ -1,17 +1,32 @@
-"""What every training script shares: how a run is cut into Rig-L segments, and
-files written so that a kill never leaves half of one."""
+"""What every training script shares: how a run is cut into Rig-L segments, files
+written so that a kill never leaves half of one, and how a bad flag, bad input
+or failed run reaches the user (one line on stderr; exit status 2 or 1)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 TEMP_PREFIX = ".partial-"  # temp files beside their target; never loaded
+
+
+class UsageError(Exception):
+    """A bad flag or input (data, checkpoint); the message is one line for the user.
+
+    Shared so that the helpers below can raise it and every script reports it
+    the same way: `<script>: error: <message>` on stderr, exit status 2.
+    """
+
+
+class TrainingError(Exception):
+    """Training cannot go on (NaN loss, NaN/Inf gradient); one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -72,3 +87,59 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temp files `write_atomically` left in `folder` when a run was killed.
+
+    They are never loaded (only a renamed, complete file is); this only tidies.
+    """
+    for stale in Path(folder).glob(TEMP_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Create folder `path` if needed and make (and drop) a file in it.
+
+    Called while the flags are checked, so that a run that could not save its
+    records or checkpoints fails before training rather than after it.
+    Raises UsageError naming `flag` if the folder cannot be made or written.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=TEMP_PREFIX):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path} is not a writable folder ({e.strerror or e})") from None
+
+
+def report_failure(prog: str, error: Exception) -> int:
+    """Print the one stderr line that explains why a run stopped; return its exit status.
+
+    A TrainingError reads `<prog>: training stopped: ...`, anything else
+    `<prog>: error: ...`. The status is 2 for a UsageError, as for a bad flag,
+    and 1 otherwise (unreadable data, a file that cannot be written, a
+    diverged run), so a caller can tell "fix the command" from "it failed".
+    """
+    if isinstance(error, TrainingError):
+        print(f"{prog}: training stopped: {error}", file=sys.stderr)
+        return 1
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2 if isinstance(error, UsageError) else 1
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                check: Callable[[argparse.Namespace], None]) -> argparse.Namespace:
+    """Parse `argv`, then run the script's own checks, `check(args)`, on the result.
+
+    A UsageError from `check` leaves through `parser.error`, so a value that
+    argparse accepts but the script rejects is reported exactly like a bad
+    flag (with `ipu_sparse_ops.cli.ArgumentParser`: one line on stderr, status 2).
+    """
+    args = parser.parse_args(argv)
+    try:
+        check(args)
+    except UsageError as e:
+        parser.error(str(e))
+    return args

@@ -34,12 +34,14 @@ import io
 import json
 import logging
 import math
-import tempfile
 import time
 
 import numpy as np
 
-from ipu_sparse_ops.training_run import TEMP_PREFIX, SegmentPlan, write_atomically
+from ipu_sparse_ops.cli import ArgumentParser
+from ipu_sparse_ops.training_run import (
+    SegmentPlan, TrainingError, UsageError, check_writable_dir, parse_flags, remove_stale_temps,
+    report_failure, write_atomically)
 from mnist_rigl.mnist_data import MnistError, load_mnist
 
 logger = logging.getLogger("sparse_mnist")
@@ -61,25 +63,10 @@ RUN_DEFINING_FLAGS = (
     "block_size", "pooling_type", "hidden_size", "train_samples")
 
 
-class UsageError(Exception):
-    """A bad flag or input file; the message is one line for the user."""
-
-
-class TrainingError(Exception):
-    """Training cannot go on (NaN loss, NaN/Inf gradient); one line for the user."""
-
-
 # ---- command line ----------------------------------------------------------------------
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (no usage dump) and exits with 2."""
-
-    def error(self, message):
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Train 784 -> hidden -> 10 on MNIST with sparse layers whose "
                     "connectivity evolves by Rig-L (or SET, or not at all).",
@@ -141,13 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the flags; a bad one exits with one line on stderr (status 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except UsageError as e:
-        parser.error(str(e))
-    return args
+    return parse_flags(build_parser(), argv, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -175,9 +156,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.restore and args.checkpoint_path is None:
         raise UsageError("--restore needs --checkpoint-path")
     if args.records_path is not None:
-        _check_writable_dir(args.records_path, "--records-path")
+        check_writable_dir(args.records_path, "--records-path")
     if args.checkpoint_path is not None:
-        _check_writable_dir(args.checkpoint_path, "--checkpoint-path")
+        check_writable_dir(args.checkpoint_path, "--checkpoint-path")
     # Last, as it imports TensorFlow: the optimizer (its options are checked when it is
     # built, which needs the variables' module anyway).
     try:
@@ -197,15 +178,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
 
 
-def _check_writable_dir(path: Path, flag: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path, prefix=TEMP_PREFIX):
-            pass
-    except OSError as e:
-        raise UsageError(f"{flag} {path} is not a writable folder ({e.strerror or e})") from None
-
-
 # ---- schedule --------------------------------------------------------------------------
 
 def learning_rates(optimizer: str, batch_size: int) -> tuple[float, ...]:
@@ -221,13 +193,6 @@ def learning_rate_at(step: int, plan: SegmentPlan, rates: tuple[float, ...]) -> 
 
 
 # ---- files -----------------------------------------------------------------------------
-
-def remove_stale_temps(folder: Path) -> None:
-    """Temp files a killed run left behind (never loaded; just tidied)."""
-    for stale in folder.glob(TEMP_PREFIX + "*"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
-
 
 def write_record(folder: Path, updates: int, layer) -> None:
     """fc1's current connections (just-grown zeros included) after `updates` Rig-L updates."""
@@ -611,15 +576,8 @@ def main(argv=None) -> int:
     try:
         data = load_mnist(args.data_dir)
         results = train(args, data)
-    except (UsageError, MnistError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
-    except TrainingError as e:
-        print(f"{PROG}: training stopped: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    except (UsageError, TrainingError, MnistError, OSError) as e:
+        return report_failure(PROG, e)
     print(f"Test loss: {results['test_loss']:.3f} Test accuracy: "
           f"{results['test_accuracy']:.3f}")
     if results["samples"]:

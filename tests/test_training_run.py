@@ -1,0 +1,53 @@
+"""Tests for ipu_sparse_ops/training_run.py's command-line and file helpers (the
+scripts' own tests run them end to end)."""
+
+import pytest
+
+from ipu_sparse_ops.cli import ArgumentParser
+from ipu_sparse_ops.training_run import (
+    TEMP_PREFIX, TrainingError, UsageError, check_writable_dir, parse_flags, remove_stale_temps,
+    report_failure, write_atomically)
+
+
+def test_check_failure_reads_like_a_bad_flag(capsys):
+    parser = ArgumentParser(prog="script.py")
+    parser.add_argument("--n", type=int, default=1)
+
+    def check(args):
+        if args.n < 1:
+            raise UsageError(f"--n must be >= 1, got {args.n}")
+
+    assert parse_flags(parser, ["--n", "3"], check).n == 3
+    for argv, message in ((["--n", "0"], "--n must be >= 1, got 0"),
+                          (["--n", "x"], "argument --n: invalid int value: 'x'")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_flags(parser, argv, check)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"script.py: error: {message}\n"
+
+
+@pytest.mark.parametrize("error, status, line", [
+    (UsageError("bad flag"), 2, "p.py: error: bad flag"),
+    (TrainingError("NaN loss"), 1, "p.py: training stopped: NaN loss"),
+    (OSError("disk full"), 1, "p.py: error: disk full"),
+    (RuntimeError("no data"), 1, "p.py: error: no data"),
+])
+def test_report_failure(error, status, line, capsys):
+    assert report_failure("p.py", error) == status
+    assert capsys.readouterr() == ("", line + "\n")
+
+
+def test_writable_dir_and_stale_temps(tmp_path):
+    folder = tmp_path / "a" / "b"
+    check_writable_dir(folder, "--out")  # made, and left without temp files
+    assert folder.is_dir() and not list(folder.iterdir())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match=r"^--out .*file/x is not a writable folder \(.+\)$"):
+        check_writable_dir(blocker / "x", "--out")
+
+    write_atomically(folder / "kept.bin", lambda f: f.write(b"data"))
+    (folder / f"{TEMP_PREFIX}kept.bin1234").write_bytes(b"half")  # what a kill leaves
+    remove_stale_temps(folder)
+    assert [p.name for p in folder.iterdir()] == ["kept.bin"]
+    assert (folder / "kept.bin").read_bytes() == b"data"
