@@ -64,7 +64,6 @@ LR_DECAY = ((0.0, 1.0), (0.25, 0.5), (0.5, 0.3), (0.75, 0.1))
 # steps otherwise throw the loss up (seen with --block-size 8 --sparsity 0.5).
 WARMUP_FRACTION = 0.05
 EVAL_BATCH = 500
-FP16_ADAM_EPSILON = 1e-4  # the default Adam epsilon with --data-type fp16
 COSINE_KEYS = {"zero_steps": int, "phase_delay": float, "period": float}
 DEFAULT_COSINE = {"zero_steps": 0, "phase_delay": 0.0, "period": 1.0}
 CHECKPOINT_NAME = "sparse_transformer.npz"
@@ -413,14 +412,11 @@ def train(args, x_train, y_train, seed: int):
                          f"{args.batch_size}, fewer than --steps-per-epoch {args.steps_per_epoch}")
     plan = SegmentPlan(batches_per_epoch, args.steps_per_epoch, args.nepochs)
     base_lr = base_learning_rate(args)
-    options = dict(args.optimizer_options)
-    if args.data_type == "fp16" and args.optimizer.lower() == "adam" and "epsilon" not in options:
-        # Adam's 1e-8 is 0 in float16, and a weight whose gradient is 0 (padding, a
-        # dead pixel) would then step by 0/0.
-        options["epsilon"] = FP16_ADAM_EPSILON
+    optimizer = optimizers.make_optimizer(args.optimizer, base_lr, **args.optimizer_options)
+    if (args.data_type == "fp16" and isinstance(optimizer, optimizers.Adam)
+            and optimizer.epsilon is None):  # Adam picks a larger epsilon for float16
         logger.info("fp16: Adam epsilon %g (pass --optimizer-arg epsilon=... to change it)",
-                    FP16_ADAM_EPSILON)
-    optimizer = optimizers.make_optimizer(args.optimizer, base_lr, **options)
+                    optimizer.epsilon_for("float16"))
     model = build_model(args, seed)
     describe(model)
     optimizer.build(model.trainable_variables_list())

@@ -17,6 +17,9 @@ original example used):
     Adam             t += 1;  m = b1 * m + (1 - b1) * g;  v = b2 * v + (1 - b2) * g^2
                      w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon)
 
+Adam's epsilon, unless given, depends on the variable's dtype (see
+`Adam.epsilon_for`): TF1's 1e-8 is 0 in float16.
+
 Options come from the command line as `--optimizer-arg name=<json>` and are
 parsed by `parse_optimizer_args`; `make_optimizer` builds one by name.
 """
@@ -177,17 +180,33 @@ class Momentum(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam with TF1's bias correction folded into the step size; slots "m" and "v"."""
+    """Adam with TF1's bias correction folded into the step size; slots "m" and "v".
+
+    `epsilon` is used for every variable when given; when it is None (the
+    default) each variable gets the default of its dtype, `epsilon_for`.
+    """
 
     name = "Adam"
     slot_names = ("m", "v")
+    DEFAULT_EPSILON = 1e-8  # TF1's
+    # TF1's 1e-8 rounds to 0 in float16, and a weight whose gradient is 0 (padding, an
+    # always-blank pixel) would then step by 0/0 = NaN. 1e-4 is a normal float16
+    # (the smallest is 6.1e-5).
+    FLOAT16_EPSILON = 1e-4
 
     def __init__(self, learning_rate: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
-                 epsilon: float = 1e-8):
+                 epsilon: float | None = None):
         super().__init__(learning_rate)
         self.beta1 = _number("beta1", beta1, minimum=0.0, below=1.0)
         self.beta2 = _number("beta2", beta2, minimum=0.0, below=1.0)
-        self.epsilon = _number("epsilon", epsilon, minimum=0.0)
+        self.epsilon = None if epsilon is None else _number("epsilon", epsilon, minimum=0.0)
+
+    def epsilon_for(self, dtype) -> float:
+        """The epsilon of variables of `dtype` (a tf.DType or its name): the one given to
+        the constructor, else FLOAT16_EPSILON for float16 and DEFAULT_EPSILON otherwise."""
+        if self.epsilon is not None:
+            return self.epsilon
+        return self.FLOAT16_EPSILON if tf.as_dtype(dtype) == tf.float16 else self.DEFAULT_EPSILON
 
     def _apply(self, grad, var, slots, learning_rate):
         # iterations was already incremented for this step: t = 1 on the first update.
@@ -202,7 +221,8 @@ class Adam(Optimizer):
                  + tf.constant(1.0 - self.beta2, dtype) * tf.square(grad))
         m.assign(new_m)
         v.assign(new_v)
-        var.assign_sub(lr_t * new_m / (tf.sqrt(new_v) + tf.constant(self.epsilon, dtype)))
+        epsilon = tf.constant(self.epsilon_for(dtype), dtype)
+        var.assign_sub(lr_t * new_m / (tf.sqrt(new_v) + epsilon))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "beta1": self.beta1, "beta2": self.beta2,

@@ -57,6 +57,26 @@ def test_adam_two_steps():
     assert int(opt.iterations.numpy()) == 2
 
 
+@pytest.mark.parametrize("dtype, options, epsilon", [
+    (np.float32, {}, 1e-8),
+    # TF1's 1e-8 is 0 in float16: the zero gradient would step by 0/0 = NaN.
+    (np.float16, {}, 1e-4),
+    (np.float16, {"epsilon": 1e-2}, 1e-2),  # an explicit epsilon wins
+])
+def test_adam_epsilon_follows_the_dtype_unless_given(dtype, options, epsilon):
+    opt = optimizers.make_optimizer("adam", LR, **options)
+    assert opt.epsilon_for(dtype) == epsilon
+    w0 = np.array([0.5, -1.0], dtype)
+    # A gradient of 1e-6 in float32 tells 1e-8 from 1e-4; 0.25 in float16 tells 1e-4 from 1e-2.
+    g = np.array([0.0, 1e-6 if dtype == np.float32 else 0.25], dtype)
+    var = tf.Variable(w0)
+    opt.apply_gradients([(tf.constant(g), var)])
+    # t = 1: m = 0.1 g, v = 0.001 g^2, step size lr * sqrt(0.001) / 0.1.
+    g64 = g.astype(np.float64)
+    step = LR * np.sqrt(0.001) / 0.1 * 0.1 * g64 / (np.sqrt(0.001 * g64 ** 2) + epsilon)
+    np.testing.assert_allclose(var.numpy(), w0 - step, rtol=2e-3)
+
+
 def test_learning_rate_per_call_in_one_trace():
     opt = optimizers.Momentum(1.0, momentum=0.0)
     var = tf.Variable(W0)
