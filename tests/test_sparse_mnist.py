@@ -77,6 +77,44 @@ def test_learning_rate_schedule_by_progress():
     assert odd.num_updates == 5
 
 
+def test_pixel_scale_gives_unit_std_on_the_training_set(mnist):
+    pixels = mnist[0].astype(np.float64) / 255.0
+    assert pixels.std() == pytest.approx(sparse_mnist.PIXEL_STD, abs=1e-4)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_weight_decay_shrinks_connections_that_get_no_gradient(weight_decay):
+    """Plain gradient descent: a weight fed only by blank pixels follows w * (1 - lr * wd)^n."""
+    from ipu_sparse_ops import optimizers
+
+    args = sparse_mnist.parse_args(["--densities", "0.5", "0.5", "--hidden-size", "16",
+                                    "--droprate", "0", "--optimizer", "GradientDescent"])
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    images[:, :4] = 0  # the first 4 rows of pixels are blank in every image
+    labels = rng.integers(0, 10, 64).astype(np.uint8)
+    model = sparse_mnist.Model(args, seed=5)
+    plan = sparse_mnist.SegmentPlan(batches_per_epoch=8, steps_per_epoch=1, epochs=10)
+    rates = sparse_mnist.learning_rates("GradientDescent", 8)
+    optimizer = optimizers.make_optimizer("GradientDescent", rates[0])
+    optimizer.build(model.trainable_variables())
+    model.fc1.bias.assign(np.r_[-1e3, np.zeros(15)].astype(np.float32))  # unit 0 never fires
+    before = model.fc1.get_triplets()
+    segment = sparse_mnist.make_train_segment(model, optimizer, plan, 8, images, labels, rates,
+                                              dense_grads=False, weight_decay=weight_decay)
+    steps = 8  # within the first learning-rate stage (the first 16 steps)
+    done, *_ = segment(np.arange(64, dtype=np.int32), 0, steps, 0, False)
+    assert int(done) == steps
+    after = model.fc1.get_triplets()
+    blank = before.row_indices < 4 * 28
+    assert 0 < blank.sum() < len(blank)
+    expected = before.values[blank].astype(np.float64) * (1 - rates[0] * weight_decay) ** steps
+    np.testing.assert_allclose(after.values[blank], expected, rtol=1e-6)
+    assert not np.allclose(after.values[~blank], before.values[~blank])  # the rest trained
+    # Unit 0's bias gets no gradient, and biases are not decayed: it stays where it was.
+    assert model.fc1.bias.numpy()[0] == -1e3
+
+
 # ---- training ---------------------------------------------------------------------------
 
 def test_end_to_end_accuracy_and_one_trace(mnist, capsys):
@@ -275,6 +313,7 @@ def bad_input_cases(tmp_path):
         (["--data-dir", str(empty)], "no train-images-idx3-ubyte"),
         (["--data-dir", str(garbage)], "truncated or padded"),
         (["--droprate", "1"], "--droprate"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be in [0, 1)"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--train-samples", "10", "--batch-size", "4", "--steps-per-epoch", "5"],
          "fewer than --steps-per-epoch"),
