@@ -77,7 +77,7 @@ def markdown_table(rows: list[dict]) -> str:
         speed = f"{row['speed']:.0f}" if row["speed"] else "–"
         lines.append(
             f"| {LABELS[row['variant']]} | {row['densities']} | {len(row['seeds'])} "
-            f"| {row['mean']:.2f} ± {row['std']:.2f} | {row['min']:.1f} – {row['max']:.1f} "
+            f"| {row['mean']:.2f} ± {row['std']:.2f} | {row['min']:.2f} – {row['max']:.2f} "
             f"| {row['loss']:.3f} | {speed} |")
     return "\n".join(lines) + "\n"
 
