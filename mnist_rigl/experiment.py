@@ -153,7 +153,7 @@ def main(argv=None) -> int:
             results["runs"][run["key"]] = record
             save_results(args.output, results)
             if record["status"] == "done":
-                logger.info("[%d/%d] %s: test accuracy %.3f, loss %.3f, %.0f s", i, len(todo),
+                logger.info("[%d/%d] %s: test accuracy %.4f, loss %.3f, %.0f s", i, len(todo),
                             run["key"], record["test_accuracy"], record["test_loss"],
                             record["wall_seconds"])
             else:

@@ -304,6 +304,10 @@ def make_train_segment(model: Model, optimizer, plan: SegmentPlan, batch_size: i
     """
     import tensorflow as tf
 
+    # Grappler's arithmetic optimizer regroups chains of adds (the weight decay and
+    # the momentum update) one way in one trace and another way in the next, so the
+    # same seed gave results that differed in the last bits, and grew from there.
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
     dtype = model.fc1.compute_dtype
     trainables = model.trainable_variables()
     decayed = [any(v is weight for weight in model.weights()) for v in trainables]

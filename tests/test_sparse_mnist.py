@@ -115,6 +115,31 @@ def test_weight_decay_shrinks_connections_that_get_no_gradient(weight_decay):
     assert model.fc1.bias.numpy()[0] == -1e3
 
 
+def test_each_trace_of_the_training_loop_computes_the_same_thing(mnist):
+    """Same start, same batches: bit-identical weights and slots from three separate traces
+    (weight decay and momentum on; Grappler once regrouped their adds per trace)."""
+    from ipu_sparse_ops import optimizers
+
+    x_train, y_train = mnist[0], mnist[1]
+    plan = sparse_mnist.SegmentPlan(batches_per_epoch=3750, steps_per_epoch=1, epochs=1)
+    rates = sparse_mnist.learning_rates("Momentum", 16)
+    finals = []
+    for _ in range(3):
+        args = sparse_mnist.parse_args(["--densities", "0.1", "0.3", "--seed", "1"])
+        model = sparse_mnist.Model(args, 1)
+        optimizer = optimizers.make_optimizer("Momentum", rates[0])
+        optimizer.build(model.trainable_variables())
+        segment = sparse_mnist.make_train_segment(model, optimizer, plan, 16, x_train, y_train,
+                                                  rates, dense_grads=False,
+                                                  weight_decay=args.weight_decay)
+        segment(np.random.default_rng(0).permutation(60000).astype(np.int32), 0, 50, 0, False)
+        finals.append([v.numpy() for v in model.trainable_variables()]
+                      + list(optimizer.state().values()))
+    for other in finals[1:]:
+        for a, b in zip(finals[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 # ---- training ---------------------------------------------------------------------------
 
 def test_end_to_end_accuracy_and_one_trace(mnist, capsys):
