@@ -281,8 +281,8 @@ def normalised_batch(images_uint8, dtype):
     Unit-scale inputs are what the Glorot initialisation assumes: at [0, 1]
     (std 0.31) fc1's gradients are three times smaller and the sparse model
     underfits. A pixel blank in every image becomes a constant that the bias
-    already provides, so weight decay drives its connections to zero and Rig-L
-    prunes them.
+    (not decayed) already provides, so weight decay shrinks its connections
+    until Rig-L prunes them.
     """
     import tensorflow as tf
 
