@@ -307,6 +307,7 @@ def make_train_segment(model: Model, optimizer, plan: SegmentPlan, batch_size: i
     # Grappler's arithmetic optimizer regroups chains of adds (the weight decay and
     # the momentum update) one way in one trace and another way in the next, so the
     # same seed gave results that differed in the last bits, and grew from there.
+    # The option is process-wide: later traces in this process go without it too.
     tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
     dtype = model.fc1.compute_dtype
     trainables = model.trainable_variables()
