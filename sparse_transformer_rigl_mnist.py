@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 
 from ipu_sparse_ops.cli import ArgumentParser  # noqa: E402
 from ipu_sparse_ops.training_run import (  # noqa: E402
-    SegmentPlan, TrainingError, UsageError, check_writable_dir, parse_flags, report_failure,
-    write_atomically)
+    SegmentPlan, TrainingError, UsageError, check_writable_dir, make_segment_loop, parse_flags,
+    report_failure, write_atomically)
 
 logger = logging.getLogger("sparse_transformer")
 
@@ -270,13 +270,10 @@ def _images(images_uint8, dtype):
 
 def make_train_segment(model, optimizer, plan: SegmentPlan, x_train, y_train, batch_size: int,
                        base_lr: float, seed: int, dense_grads: bool):
-    """One traced loop over the training steps of a segment (the IPU's device loop).
+    """The segment loop (`training_run.make_segment_loop`) over this model's training step.
 
-    Returns tf.function(perm, first_batch, num_batches, first_step, want_dense_grad)
-    -> (steps done, summed loss, correct predictions, dense gradients). The loop
-    stops at a non-finite loss. The dense gradients (one per sparse layer, with
-    respect to its anchor) are computed on the last step only and only when
-    asked; with `dense_grads` False they are not in the graph at all.
+    The dense gradients are one per sparse layer, with respect to its anchor;
+    with `dense_grads` False they are not in the graph at all.
     """
     import tensorflow as tf
 
@@ -308,28 +305,7 @@ def make_train_segment(model, optimizer, plan: SegmentPlan, x_train, y_train, ba
             tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.int32))
         return loss, correct, grads[len(trainables):]
 
-    signature = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
-                 tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int64),
-                 tf.TensorSpec([], tf.bool)]
-
-    @tf.function(input_signature=signature)
-    def train_segment(perm, first_batch, num_batches, first_step, want_dense_grad):
-        def cond(i, loss_sum, correct, last_loss, last_grads):
-            return tf.logical_and(i < num_batches, tf.math.is_finite(last_loss))
-
-        def body(i, loss_sum, correct, last_loss, last_grads):
-            compute = tf.logical_and(want_dense_grad, tf.equal(i, num_batches - 1))
-            loss, batch_correct, grads = step_fn(
-                perm, first_batch + i, first_step + tf.cast(i, tf.int64), compute)
-            return i + 1, loss_sum + loss, correct + batch_correct, loss, grads
-
-        zeros = [tf.zeros_like(anchor) for anchor in anchors]
-        i, loss_sum, correct, _, grads = tf.while_loop(
-            cond, body, [tf.constant(0), tf.constant(0.0), tf.constant(0), tf.constant(0.0),
-                         zeros])
-        return i, loss_sum, correct, grads
-
-    return train_segment
+    return make_segment_loop(step_fn, anchors)
 
 
 def make_evaluate(model):

@@ -66,6 +66,48 @@ class SegmentPlan:
         return [math.ceil(fraction * self.total_steps) for fraction in fractions]
 
 
+
+def make_segment_loop(step_fn: Callable, anchors: Sequence) -> Callable:
+    """One traced loop over the training steps of a segment (the IPU's device iterations).
+
+    `step_fn(perm, batch, step, compute_dense_grad)` trains on batch `batch` of
+    the permutation `perm` at global step `step` and returns (loss, correct
+    predictions, gradients with respect to `anchors`). Returns
+    tf.function(perm, first_batch, num_batches, first_step, want_dense_grad)
+    -> (steps done, summed loss, correct predictions, dense gradients). The loop
+    stops early at a non-finite loss (steps done then tells where); the dense
+    gradients are asked for on the last step only, and only if `want_dense_grad`.
+    """
+    import tensorflow as tf
+
+    # Grappler's arithmetic optimizer regrouped chains of adds (weight decay into
+    # the momentum update) one way in one trace and another way in the next, so a
+    # seed's runs differed in the last bits and then grew apart. The option is
+    # process-wide: later traces in this process go without it too.
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+    signature = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
+                 tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int64),
+                 tf.TensorSpec([], tf.bool)]
+
+    @tf.function(input_signature=signature)
+    def train_segment(perm, first_batch, num_batches, first_step, want_dense_grad):
+        def cond(i, loss_sum, correct, last_loss, last_grads):
+            return tf.logical_and(i < num_batches, tf.math.is_finite(last_loss))
+
+        def body(i, loss_sum, correct, last_loss, last_grads):
+            compute = tf.logical_and(want_dense_grad, tf.equal(i, num_batches - 1))
+            loss, batch_correct, grads = step_fn(
+                perm, first_batch + i, first_step + tf.cast(i, tf.int64), compute)
+            return i + 1, loss_sum + loss, correct + batch_correct, loss, grads
+
+        zeros = [tf.zeros_like(anchor) for anchor in anchors]
+        i, loss_sum, correct, _, grads = tf.while_loop(
+            cond, body, [tf.constant(0), tf.constant(0.0), tf.constant(0), tf.constant(0.0),
+                         zeros])
+        return i, loss_sum, correct, grads
+
+    return train_segment
+
 def write_atomically(path: Path, write: Callable, mode: int | None = None) -> None:
     """Call write(binary file) on a temp file beside `path`, then rename it into place.
 

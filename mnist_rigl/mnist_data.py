@@ -86,14 +86,6 @@ def keras_cache_path() -> Path:
     return Path(keras_home) / "datasets" / "mnist.npz"
 
 
-def normalise(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels -> float32 in [0, 1]; refuses floats, which may already be scaled."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise TypeError(f"normalise expects uint8 pixels, got {images.dtype}")
-    return images.astype(np.float32) / np.float32(255)
-
-
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """One IDX file of unsigned bytes (plain or .gz), checked against its own header."""
     path = Path(path)

@@ -40,8 +40,8 @@ import numpy as np
 
 from ipu_sparse_ops.cli import ArgumentParser
 from ipu_sparse_ops.training_run import (
-    SegmentPlan, TrainingError, UsageError, check_writable_dir, parse_flags, remove_stale_temps,
-    report_failure, write_atomically)
+    SegmentPlan, TrainingError, UsageError, check_writable_dir, make_segment_loop, parse_flags,
+    remove_stale_temps, report_failure, write_atomically)
 from mnist_rigl.mnist_data import MnistError, load_mnist
 
 logger = logging.getLogger("sparse_mnist")
@@ -293,22 +293,14 @@ def normalised_batch(images_uint8, dtype):
 
 def make_train_segment(model: Model, optimizer, plan: SegmentPlan, batch_size: int, x_train,
                        y_train, rates, dense_grads: bool, weight_decay: float):
-    """One traced loop over the training steps of a segment (the IPU's device iterations).
+    """The segment loop (`training_run.make_segment_loop`) over this model's training step.
 
-    Returns a tf.function(perm, first_batch, num_batches, first_step, want_dense_grad)
-    -> (steps done, summed loss, correct predictions, last loss, dense gradients).
-    The loop stops early at a non-finite loss (steps done then tells where). The
-    dense gradients are computed on the last step only, and only if asked; with
-    `dense_grads` False (no Rig-L updates) they are not in the graph at all.
-    `weight_decay` * w is added to the gradient of every weight (not the biases).
+    With `dense_grads` False (no Rig-L updates) the dense gradients are not in
+    the graph at all. `weight_decay` * w is added to the gradient of every
+    weight (not the biases).
     """
     import tensorflow as tf
 
-    # Grappler's arithmetic optimizer regroups chains of adds (the weight decay and
-    # the momentum update) one way in one trace and another way in the next, so the
-    # same seed gave results that differed in the last bits, and grew from there.
-    # The option is process-wide: later traces in this process go without it too.
-    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
     dtype = model.fc1.compute_dtype
     trainables = model.trainable_variables()
     decayed = [any(v is weight for weight in model.weights()) for v in trainables]
@@ -339,26 +331,7 @@ def make_train_segment(model: Model, optimizer, plan: SegmentPlan, batch_size: i
             tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.int32))
         return loss, correct, anchor_grads
 
-    spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
-            tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.bool)]
-
-    @tf.function(input_signature=spec)
-    def train_segment(perm, first_batch, num_batches, first_step, want_dense_grad):
-        def cond(i, loss_sum, correct, last_loss, last_dense_grads):
-            return tf.logical_and(i < num_batches, tf.math.is_finite(last_loss))
-
-        def body(i, loss_sum, correct, last_loss, last_dense_grads):
-            compute = tf.logical_and(want_dense_grad, tf.equal(i, num_batches - 1))
-            loss, batch_correct, grads = step_fn(
-                perm, first_batch + i, first_step + tf.cast(i, tf.int64), compute)
-            return i + 1, loss_sum + loss, correct + batch_correct, loss, grads
-
-        zeros = [tf.zeros_like(anchor) for anchor in anchors]
-        return tf.while_loop(
-            cond, body, [tf.constant(0), tf.constant(0.0), tf.constant(0), tf.constant(0.0),
-                         zeros])
-
-    return train_segment
+    return make_segment_loop(step_fn, anchors)
 
 
 def make_evaluate(model: Model, x_test, y_test):
@@ -557,7 +530,7 @@ def train(args: argparse.Namespace, data) -> dict:
             perm = rng.permutation(n_train).astype(np.int32)
         update = do_updates and segment < plan.num_updates
         started = time.perf_counter()
-        done, loss_sum, correct, _, dense_grads = train_segment(
+        done, loss_sum, correct, dense_grads = train_segment(
             perm, first, count, step, update and args.regrow == "rigl")
         done = int(done)
         if done < count:

@@ -415,18 +415,6 @@ def test_cli_entry_points(tmp_path, entry):
     assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
 
 
-# ---------------------------------------------------------------- normalise
-
-
-def test_normalise():
-    images = np.array([[0, 51, 255]], np.uint8)
-    got = md.normalise(images)
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, [[0.0, 0.2, 1.0]], rtol=0, atol=1e-7)
-    with pytest.raises(TypeError, match="uint8"):
-        md.normalise(got)
-
-
 # ---------------------------------------------------------------- the real data
 
 
