@@ -23,12 +23,10 @@ count following a cosine schedule; optimizer slots follow the new pattern.
     python sparse_transformer_rigl_mnist.py --mode test --checkpoint-path ckpt
 """
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # repo root; no PYTHONPATH needed
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines would bury ours
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -263,7 +261,7 @@ def build_model(args, seed: int):
 
 def _images(images_uint8, dtype):
     """uint8 [n, 28, 28] -> tokens in [0, 1] of the model's dtype."""
-    import tensorflow as tf
+    from ipu_sparse_ops.tf_startup import tf
 
     return tf.cast(tf.cast(images_uint8, tf.float32) / 255.0, dtype)
 
@@ -275,7 +273,7 @@ def make_train_segment(model, optimizer, plan: SegmentPlan, x_train, y_train, ba
     The dense gradients are one per sparse layer, with respect to its anchor;
     with `dense_grads` False they are not in the graph at all.
     """
-    import tensorflow as tf
+    from ipu_sparse_ops.tf_startup import tf
 
     dtype = model.compute_dtype
     trainables = model.trainable_variables_list()
@@ -310,7 +308,7 @@ def make_train_segment(model, optimizer, plan: SegmentPlan, x_train, y_train, ba
 
 def make_evaluate(model):
     """tf.function(images uint8 [n, 28, 28], labels) -> (summed loss, correct count)."""
-    import tensorflow as tf
+    from ipu_sparse_ops.tf_startup import tf
 
     @tf.function(input_signature=[tf.TensorSpec([None, TOKENS, TOKEN_WIDTH], tf.uint8),
                                   tf.TensorSpec([None], tf.int32)])

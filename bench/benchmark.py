@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
-import tensorflow as tf
 
-from ipu_sparse_ops import ops, sparse  # loading the library starts no TF runtime
+from ipu_sparse_ops import cli, ops, sparse  # loading the library starts no TF runtime
+from ipu_sparse_ops.tf_startup import tf
 
 INTRA_OP_THREADS = 2
 SHAPES = ((256, 4096, 4096), (256, 1024, 1024), (128, 784, 320), (16, 784, 320))
@@ -211,7 +211,7 @@ def cases(quick: bool) -> list[Case]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a one-minute subset: the cases the issue sets targets for")
     parser.add_argument("--fp16", action="store_true",

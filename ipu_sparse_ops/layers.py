@@ -25,7 +25,7 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
+from ipu_sparse_ops.tf_startup import tf
 
 from ipu_sparse_ops import ops
 from ipu_sparse_ops.sparse import (

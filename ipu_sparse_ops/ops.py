@@ -7,13 +7,12 @@ assigning a new pattern of the same capacity never re-traces a tf.function.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of tool output
-import tensorflow as tf  # noqa: E402
-
 from ipu_sparse_ops.sparse import MatmulSpec, Representation
+from ipu_sparse_ops.tf_startup import tf
 
 # IPU_SPARSE_OPS_LIBRARY picks another build (the fuzz suite's AddressSanitizer one).
 _LIBRARY_PATH = Path(os.environ.get("IPU_SPARSE_OPS_LIBRARY")
@@ -21,6 +20,16 @@ _LIBRARY_PATH = Path(os.environ.get("IPU_SPARSE_OPS_LIBRARY")
 if not _LIBRARY_PATH.exists():
     raise ImportError(f"{_LIBRARY_PATH} is missing: run `make -j` in the repository root first")
 _ops = tf.load_op_library(str(_LIBRARY_PATH))
+
+
+def kernel_isa() -> str:
+    """The instruction set the op's kernels run with here: generic, avx2 or avx512.
+
+    The best this CPU supports, unless IPU_SPARSE_OPS_ISA forces a lower one.
+    """
+    isa = ctypes.CDLL(str(_LIBRARY_PATH)).IpuSparseOpsKernelIsa
+    isa.restype = ctypes.c_char_p
+    return isa().decode()
 
 
 def dense_grad_anchor(spec: MatmulSpec) -> tf.Tensor:

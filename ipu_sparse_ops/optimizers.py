@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 import numpy as np
-import tensorflow as tf
+from ipu_sparse_ops.tf_startup import tf
 
 from ipu_sparse_ops import sparse_training
 

@@ -78,7 +78,7 @@ def make_segment_loop(step_fn: Callable, anchors: Sequence) -> Callable:
     stops early at a non-finite loss (steps done then tells where); the dense
     gradients are asked for on the last step only, and only if `want_dense_grad`.
     """
-    import tensorflow as tf
+    from ipu_sparse_ops.tf_startup import tf
 
     # Grappler's arithmetic optimizer regrouped chains of adds (weight decay into
     # the momentum update) one way in one trace and another way in the next, so a

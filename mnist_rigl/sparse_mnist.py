@@ -20,12 +20,10 @@ seeded numpy generator, dropout from stateless random ops seeded by the step,
 and `--restore` after a kill ends bit for bit where the uninterrupted run ends.
 """
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root; no PYTHONPATH needed
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines would bury ours
 
 import argparse
 import contextlib
@@ -265,7 +263,7 @@ class Model:
                 for variable in (weight, layer.bias)]
 
     def __call__(self, x, step=None, training=False, compute_dense_grad=False):
-        import tensorflow as tf
+        from ipu_sparse_ops.tf_startup import tf
 
         h = self.fc1(x, compute_dense_grad=compute_dense_grad)
         if training and self.droprate > 0.0:
@@ -284,7 +282,7 @@ def normalised_batch(images_uint8, dtype):
     (not decayed) already provides, so weight decay shrinks its connections
     until Rig-L prunes them.
     """
-    import tensorflow as tf
+    from ipu_sparse_ops.tf_startup import tf
 
     x = tf.cast(tf.reshape(images_uint8, [-1, INPUT_SIZE]), tf.float32)
     x = (x - 255.0 * PIXEL_MEAN) / (255.0 * PIXEL_STD)
@@ -299,7 +297,7 @@ def make_train_segment(model: Model, optimizer, plan: SegmentPlan, batch_size: i
     the graph at all. `weight_decay` * w is added to the gradient of every
     weight (not the biases).
     """
-    import tensorflow as tf
+    from ipu_sparse_ops.tf_startup import tf
 
     dtype = model.fc1.compute_dtype
     trainables = model.trainable_variables()
@@ -336,7 +334,7 @@ def make_train_segment(model: Model, optimizer, plan: SegmentPlan, batch_size: i
 
 def make_evaluate(model: Model, x_test, y_test):
     """tf.function() -> (mean loss, accuracy) over the whole test set, without dropout."""
-    import tensorflow as tf
+    from ipu_sparse_ops.tf_startup import tf
 
     dtype = model.fc1.compute_dtype
     x_test = tf.convert_to_tensor(x_test)

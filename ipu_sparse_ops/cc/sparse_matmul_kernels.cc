@@ -339,3 +339,8 @@ IPU_REGISTER_KERNELS(Eigen::half)
 
 }  // namespace
 }  // namespace ipu_sparse_ops
+
+// The instruction set whose kernels this process runs ("generic", "avx2" or
+// "avx512"), for Python through ctypes: it is a property of the library, not a
+// tensor, so it is not an op.
+extern "C" const char* IpuSparseOpsKernelIsa() { return ipu_sparse_ops::KernelIsa(); }

@@ -31,7 +31,6 @@ import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)  # run as a script without PYTHONPATH
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
@@ -86,7 +85,7 @@ def build_part(part: str, args, config):
 
 def run_part(layer, x, upstream, dense_grads: bool):
     """(y, dx, {leaf path: [variable grads]}, {linear path: dense-grad anchor grad})."""
-    import tensorflow as tf
+    from ipu_sparse_ops.tf_startup import tf
 
     leaves = layer.named_leaves()
     variables = {path: leaf.trainable_variables_list() for path, leaf in leaves.items()}

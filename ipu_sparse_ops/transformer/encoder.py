@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
+from ipu_sparse_ops.tf_startup import tf
 
 from ipu_sparse_ops.layers import DenseFcLayer, SparseFcLayer, random_glorot_triplets
 from ipu_sparse_ops.sparse import (

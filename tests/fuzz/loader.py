@@ -39,7 +39,7 @@ def load():
     if host_utils and "ipu_sparse_ops.host_utils" not in sys.modules:
         _load_host_utils(host_utils)
     library = os.environ.get(LIBRARY_ENV)
-    import tensorflow as tf
+    from ipu_sparse_ops.tf_startup import tf
     if library and "ipu_sparse_ops.ops" not in sys.modules:
         real_load = tf.load_op_library
 

@@ -1,0 +1,32 @@
+"""One line at the start of every run: which kernels and which dense TensorFlow."""
+
+import os
+import platform
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_sessionstart(session):
+    """Written even under -q, which hides pytest's own header."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(_machine_line())
+
+
+def _machine_line() -> str:
+    from ipu_sparse_ops import ops
+    from ipu_sparse_ops.tf_startup import onednn_enabled
+
+    onednn = {True: "on", False: "off", None: "unknown"}[onednn_enabled()]
+    forced = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    onednn += f" (TF_ENABLE_ONEDNN_OPTS={forced})" if forced is not None else " (TensorFlow's default)"
+    return f"CPU {_cpu_model()}; op kernels: {ops.kernel_isa()}; TensorFlow oneDNN: {onednn}"
