@@ -46,17 +46,14 @@ def filter_startup_lines(text: str, level: int) -> str:
     after its first belong to it until the next record or notice starts.
     """
     kept = []
-    keep_record = True
+    keep = True
     for line in text.splitlines(keepends=True):
         record = _LOG_RECORD.match(line)
         if record:
-            keep_record = _SEVERITY[record.group(1)] >= level
+            keep = _SEVERITY[record.group(1)] >= level
         elif line.rstrip("\n") == _ABSL_NOTICE:
-            keep_record = level < 1
-            if keep_record:
-                kept.append(line)
-            continue
-        if keep_record:
+            keep = level <= _SEVERITY["I"]  # it only announces the lines that follow
+        if keep:
             kept.append(line)
     return "".join(kept)
 
