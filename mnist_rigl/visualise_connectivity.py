@@ -6,6 +6,12 @@ is [784, hidden], so its row index is an input pixel of the flattened 28x28
 image. Counting the non-zeros in each row and folding the counts back into
 28x28 shows which parts of the image the network has chosen to look at.
 
+Records of the original Graphcore example also work: it saved fc1 as a dense
+[784, hidden] matrix, `weights_fc1_{step:06d}.npy`, counted here by its
+non-zeros, and saved `pixel_permutation.npy` (its `--permute-input`, applied as
+x[:, perm]). When that file is present, for either kind of record, the counts
+are put back in image order so the pictures show the digit's layout.
+
 Examples:
     python mnist_rigl/visualise_connectivity.py --records-path rigl_records
     python mnist_rigl/visualise_connectivity.py --records-path rigl_records --animate
@@ -31,6 +37,8 @@ from PIL import Image
 IMAGE_SHAPE = (28, 28)
 NUM_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
 RECORD_NAME = re.compile(r"^weights_fc1_(\d{6,})\.npz$")
+DENSE_RECORD_NAME = re.compile(r"^weights_fc1_(\d{6,})\.npy$")
+PERMUTATION_FILE = "pixel_permutation.npy"
 REQUIRED_ARRAYS = ("row_indices", "col_indices", "values")
 GIF_FRAME_MS = 400
 GIF_FINAL_FRAME_MS = 2000  # linger on the final pattern before the loop restarts
@@ -110,20 +118,67 @@ def read_record(path: str | os.PathLike) -> Record:
         raise RecordError(f"{path.name}: {error}") from None
 
 
+def read_npy(path: Path) -> np.ndarray:
+    """Load one .npy array; np.load would also open .npz archives, so read the format directly."""
+    try:
+        with open(path, "rb") as file:
+            return np.lib.format.read_array(file, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        message = " ".join(str(error).split())  # keep it to one line
+        raise RecordError(f"{path.name}: not a readable .npy file ({message})") from None
+
+
+def read_dense_record(path: str | os.PathLike) -> np.ndarray:
+    """Load and check one dense [784, hidden] weight matrix of the original example."""
+    path = Path(path)
+    dense = read_npy(path)
+    if dense.ndim != 2 or dense.shape[0] != NUM_PIXELS:
+        raise RecordError(f"{path.name}: dense weights must have shape [{NUM_PIXELS}, "
+                          f"hidden], got {list(dense.shape)}")
+    if not (np.issubdtype(dense.dtype, np.number) or dense.dtype == np.bool_):
+        raise RecordError(f"{path.name}: dense weights must be numeric, got {dense.dtype}")
+    return dense
+
+
+def record_from_dense(dense: np.ndarray) -> Record:
+    """The pattern of a dense matrix: its non-zeros (the original kept no other mask)."""
+    row_indices, col_indices = np.nonzero(dense)
+    return Record(row_indices, col_indices, dense[row_indices, col_indices])
+
+
+def _record_files(path: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
+    return sorted((int(match[1]), child) for child in path.iterdir()
+                  if (match := pattern.match(child.name)))
+
+
 def load_records(path: str | os.PathLike) -> list[tuple[int, Record]]:
     """All records in a folder as (step, Record), ordered by step.
 
-    Raises RecordError if the folder is missing or empty, a record is bad, or
-    the records disagree on layout (they would not belong to one run).
+    Reads this project's .npz records; only if there are none, the original's
+    dense .npy ones. Raises RecordError if the folder is missing or empty, a
+    record is bad, or the records disagree on layout or shape (they would not
+    belong to one run).
     """
     path = Path(path)
     if not path.is_dir():
         raise RecordError(f"records folder not found: {path}")
-    files = sorted((int(match[1]), child) for child in path.iterdir()
-                   if (match := RECORD_NAME.match(child.name)))
-    if not files:
-        raise RecordError(f"no weights_fc1_NNNNNN.npz records in {path}")
-    records = [(step, read_record(file)) for step, file in files]
+    files = _record_files(path, RECORD_NAME)
+    if files:
+        records = [(step, read_record(file)) for step, file in files]
+    else:
+        files = _record_files(path, DENSE_RECORD_NAME)
+        if not files:
+            raise RecordError(f"no weights_fc1_NNNNNN.npz or .npy records in {path}")
+        records = []
+        for step, file in files:
+            dense = read_dense_record(file)
+            if not records:
+                first_shape = dense.shape
+            elif dense.shape != first_shape:
+                raise RecordError(
+                    f"records of mixed shapes: {files[0][1].name} is "
+                    f"{list(first_shape)}, {file.name} is {list(dense.shape)}")
+            records.append((step, record_from_dense(dense)))
     first = records[0][1]
     for (_, file), (_, record) in zip(files, records):
         if record.layout != first.layout:
@@ -134,20 +189,47 @@ def load_records(path: str | os.PathLike) -> list[tuple[int, Record]]:
     return records
 
 
+def load_permutation(path: str | os.PathLike) -> np.ndarray | None:
+    """The input pixel permutation saved with the records, or None if there is none.
+
+    Row j of fc1 then holds image pixel perm[j]; it must be a permutation of
+    0..783, else the pictures would be silently wrong.
+    """
+    file = Path(path) / PERMUTATION_FILE
+    if not file.exists():
+        return None
+    perm = read_npy(file)
+    if perm.ndim != 1 or not np.issubdtype(perm.dtype, np.integer):
+        raise RecordError(f"{file.name}: must be a 1-D integer array, got "
+                          f"{perm.dtype} of shape {list(perm.shape)}")
+    if len(perm) != NUM_PIXELS or not np.array_equal(np.sort(perm), np.arange(NUM_PIXELS)):
+        span = f", values {perm.min()}..{perm.max()}" if len(perm) else ""
+        raise RecordError(f"{file.name}: not a permutation of 0..{NUM_PIXELS - 1} "
+                          f"({len(perm)} entries, {len(np.unique(perm))} distinct{span})")
+    return perm
+
+
 def _shape(record: Record) -> str:
     return "[" + ", ".join(["n", *map(str, record.values.shape[1:])]) + "]"
 
 
-def connections_per_pixel(record: Record) -> np.ndarray:
+def connections_per_pixel(record: Record, permutation: np.ndarray | None = None) -> np.ndarray:
     """Number of hidden units each input pixel feeds, as a 28x28 int image.
 
     Counts the pattern, not non-zero values: Rig-L grows connections at zero.
     A block at block row bi gives each of pixels bi*bs .. bi*bs+bs-1 one
-    connection per column of the block, i.e. bs each.
+    connection per column of the block, i.e. bs each. With a `permutation`
+    (the network saw x[:, permutation]), row j's count belongs to image pixel
+    permutation[j].
     """
     bs = record.block_size
     per_block_row = np.bincount(record.row_indices, minlength=NUM_PIXELS // bs)
-    return np.repeat(per_block_row * bs, bs).reshape(IMAGE_SHAPE)
+    per_row = np.repeat(per_block_row * bs, bs)
+    if permutation is not None:
+        per_pixel = np.empty_like(per_row)
+        per_pixel[permutation] = per_row
+        per_row = per_pixel
+    return per_row.reshape(IMAGE_SHAPE)
 
 
 def _draw_heat_map(ax, counts: np.ndarray, title: str, cmap: str,
@@ -215,9 +297,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Draw the number of fc1 connections per MNIST input pixel "
                     "(a 28x28 heat map) from the weights_fc1_NNNNNN.npz records "
-                    "written by sparse_mnist.py during Rig-L training.")
+                    "written by sparse_mnist.py during Rig-L training, or the "
+                    "original example's dense weights_fc1_NNNNNN.npy records.")
     parser.add_argument("--records-path", type=Path, required=True,
-                        help="folder holding the weights_fc1_NNNNNN.npz records")
+                        help="folder holding the weights_fc1_NNNNNN.npz (or .npy) "
+                             "records; a pixel_permutation.npy in it is undone")
     parser.add_argument("--animate", action="store_true",
                         help="draw every record as connectivity_NNNNNN.png on one "
                              "colour scale and join them into connectivity.gif; "
@@ -235,13 +319,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         records = load_records(args.records_path)
+        permutation = load_permutation(args.records_path)
     except RecordError as error:
         print(f"visualise_connectivity: error: {error}", file=sys.stderr)
         return 1
     steps = [step for step, _ in records]
-    counts = [connections_per_pixel(record) for _, record in records]
+    counts = [connections_per_pixel(record, permutation) for _, record in records]
     print(f"Loaded {len(records)} records (rig-l steps {steps[0]}..{steps[-1]}, "
           f"block_size {records[0][1].block_size}) from {args.records_path}")
+    if permutation is not None:
+        print(f"Undid the input pixel permutation in {PERMUTATION_FILE}")
 
     output_dir = args.output_dir or args.records_path
     try:

@@ -219,3 +219,206 @@ def test_script_runs_as_command(tmp_path):
     assert ran.returncode == 0, ran.stderr
     assert "pixels are unconnected" in ran.stdout
     assert (good / "connectivity.png").is_file()
+
+
+# --- Dense .npy records of the original Graphcore example -------------------
+
+
+def write_dense_run(folder, steps=3, seed=0, permutation=None, hidden=HIDDEN, dtype=np.float64):
+    """Dense [784, hidden] weights as the original saved them; returns the matrices.
+
+    Rows are in network input order: with a permutation, row j is image pixel
+    permutation[j]. Some rows are left empty so unconnected pixels show up.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    matrices = []
+    for step in range(steps + 1):
+        dense = rng.normal(size=(784, hidden)) * (rng.random((784, hidden)) < 0.1)
+        dense[rng.choice(784, size=50, replace=False)] = 0
+        dense = dense.astype(dtype)
+        np.save(folder / f"weights_fc1_{step:06d}.npy", dense)
+        matrices.append(dense)
+    if permutation is not None:
+        np.save(folder / "pixel_permutation.npy", permutation)
+    return matrices
+
+
+def image_order_counts(dense, permutation):
+    """Independent reference: permute the network input back, then count per pixel."""
+    x = np.arange(784)  # a "flattened image" whose entries are pixel numbers
+    seen = x[permutation]  # what the network's input row j held: pixel permutation[j]
+    counts = np.zeros(784, int)
+    for j in range(784):
+        counts[seen[j]] = np.count_nonzero(dense[j])
+    return counts.reshape(28, 28)
+
+
+def drawn_counts(monkeypatch, argv):
+    """Run main and capture the count images it hands to the plotting functions."""
+    drawn = []
+    real_frame, real_pair = vc.plot_frame, vc.plot_initial_final
+
+    def frame(counts, *args, **kwargs):
+        drawn.append(counts)
+        return real_frame(counts, *args, **kwargs)
+
+    def pair(initial, final, *args, **kwargs):
+        drawn.extend([initial, final])
+        return real_pair(initial, final, *args, **kwargs)
+
+    monkeypatch.setattr(vc, "plot_frame", frame)
+    monkeypatch.setattr(vc, "plot_initial_final", pair)
+    assert vc.main(argv) == 0
+    return drawn
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_dense_records_with_permutation_are_drawn_in_image_order(tmp_path, monkeypatch,
+                                                                   capsys, dtype):
+    permutation = np.random.default_rng(7).permutation(784)
+    matrices = write_dense_run(tmp_path, steps=3, permutation=permutation, dtype=dtype)
+    drawn = drawn_counts(monkeypatch, ["--records-path", str(tmp_path), "--animate"])
+    expected = [image_order_counts(m, permutation) for m in matrices]
+    assert len(drawn) == 4
+    for got, want, dense in zip(drawn, expected, matrices):
+        np.testing.assert_array_equal(got, want)
+        # The permutation matters: input-order counts would be a different picture.
+        assert not np.array_equal(got, (dense != 0).sum(axis=1).reshape(28, 28))
+    frames = sorted(tmp_path.glob("connectivity_*.png"))
+    assert [f.name for f in frames] == [f"connectivity_{i:06d}.png" for i in range(4)]
+    with Image.open(tmp_path / "connectivity.gif") as gif:
+        assert gif.n_frames == 4
+    out = capsys.readouterr().out
+    assert "Undid the input pixel permutation" in out
+    unconnected = int((expected[-1] == 0).sum())
+    assert f"{unconnected} of 784 pixels are unconnected" in out
+
+
+def test_dense_records_initial_final_png(tmp_path, monkeypatch):
+    permutation = np.random.default_rng(3).permutation(784)
+    matrices = write_dense_run(tmp_path, steps=2, permutation=permutation)
+    drawn = drawn_counts(monkeypatch, ["--records-path", str(tmp_path)])
+    np.testing.assert_array_equal(drawn[0], image_order_counts(matrices[0], permutation))
+    np.testing.assert_array_equal(drawn[1], image_order_counts(matrices[-1], permutation))
+    assert (tmp_path / "connectivity.png").is_file()
+
+
+def test_dense_records_without_permutation_count_non_zeros(tmp_path):
+    matrices = write_dense_run(tmp_path, steps=1)
+    records = vc.load_records(tmp_path)
+    assert vc.load_permutation(tmp_path) is None
+    assert [step for step, _ in records] == [0, 1]
+    for (_, record), dense in zip(records, matrices):
+        np.testing.assert_array_equal(vc.connections_per_pixel(record),
+                                      (dense != 0).sum(axis=1).reshape(28, 28))
+
+
+def test_permutation_is_undone_for_npz_records(tmp_path, monkeypatch):
+    patterns = write_run(tmp_path, block_size=4, steps=1)
+    permutation = np.random.default_rng(5).permutation(784)
+    np.save(tmp_path / "pixel_permutation.npy", permutation)
+    drawn = drawn_counts(monkeypatch, ["--records-path", str(tmp_path)])
+    for got, (rows, cols, _) in zip(drawn, (patterns[0], patterns[-1])):
+        in_input_order = reference_counts(rows, cols, 4).reshape(-1)
+        expected = np.zeros(784, int)
+        for j in range(784):
+            expected[permutation[j]] = in_input_order[j]
+        np.testing.assert_array_equal(got, expected.reshape(28, 28))
+
+
+def test_permutation_moves_a_known_pixel():
+    # The network's input 0 held image pixel 29 (row 1, column 1): its count goes there.
+    # A 3-cycle, so that applying the permutation the wrong way round fails.
+    permutation = np.arange(784)
+    permutation[[0, 29, 5]] = [29, 5, 0]
+    record = vc.Record(np.array([0, 0, 0]), np.array([0, 1, 2]), np.ones(3))
+    counts = vc.connections_per_pixel(record, permutation)
+    assert counts[1, 1] == 3 and counts[0, 0] == 0 and counts.sum() == 3
+
+
+def test_npz_records_take_precedence_over_npy(tmp_path):
+    write_dense_run(tmp_path, steps=4)
+    write_run(tmp_path, block_size=16, steps=1)
+    records = vc.load_records(tmp_path)
+    assert [step for step, _ in records] == [0, 1]
+    assert records[0][1].block_size == 16
+
+
+def _make_bad_dense(case, folder):
+    """Create the records folder for one error case of the original's .npy records."""
+    folder.mkdir()
+    if case == "corrupt npy":
+        (folder / "weights_fc1_000000.npy").write_bytes(b"\x93NUMPY garbage")
+    elif case == "truncated npy":
+        write_dense_run(folder, steps=0)
+        path = folder / "weights_fc1_000000.npy"
+        path.write_bytes(path.read_bytes()[:5000])
+    elif case == "npz named npy":
+        np.savez(folder / "weights_fc1_000000.npy", a=np.ones(3))
+        (folder / "weights_fc1_000000.npy.npz").rename(folder / "weights_fc1_000000.npy")
+    elif case == "pickled npy":
+        np.save(folder / "weights_fc1_000000.npy", np.array([{}], dtype=object))
+    elif case == "dense wrong rows":
+        np.save(folder / "weights_fc1_000000.npy", np.ones((783, HIDDEN)))
+    elif case == "dense 1-d":
+        np.save(folder / "weights_fc1_000000.npy", np.ones(784))
+    elif case == "dense mixed shapes":
+        write_dense_run(folder, steps=1)
+        np.save(folder / "weights_fc1_000002.npy", np.ones((784, HIDDEN + 1)))
+    elif case == "dense strings":
+        np.save(folder / "weights_fc1_000000.npy", np.full((784, 2), "x"))
+    elif case == "permutation repeats":
+        write_dense_run(folder, steps=0, permutation=np.zeros(784, int))
+    elif case == "permutation too short":
+        write_dense_run(folder, steps=0, permutation=np.arange(783))
+    elif case == "permutation out of range":
+        write_dense_run(folder, steps=0, permutation=np.arange(1, 785))
+    elif case == "permutation floats":
+        write_dense_run(folder, steps=0, permutation=np.arange(784.0))
+    elif case == "permutation corrupt":
+        write_dense_run(folder, steps=0)
+        (folder / "pixel_permutation.npy").write_bytes(b"not numpy")
+    elif case == "permutation with npz records":
+        write_run(folder, block_size=1, steps=1)
+        np.save(folder / "pixel_permutation.npy", np.arange(784).reshape(28, 28))
+    else:
+        raise AssertionError(case)
+    return folder
+
+
+DENSE_ERROR_CASES = ["corrupt npy", "truncated npy", "npz named npy", "pickled npy",
+                     "dense wrong rows", "dense 1-d", "dense mixed shapes", "dense strings",
+                     "permutation repeats", "permutation too short",
+                     "permutation out of range", "permutation floats", "permutation corrupt",
+                     "permutation with npz records"]
+
+
+@pytest.mark.parametrize("case", DENSE_ERROR_CASES)
+def test_bad_dense_input_is_one_line_error(tmp_path, capsys, case):
+    records = _make_bad_dense(case, tmp_path / "records")
+    assert vc.main(["--records-path", str(records)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("visualise_connectivity: error: ")
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob("connectivity*"))
+
+
+def test_dense_records_from_the_command_line(tmp_path):
+    """Real exit codes for the original's records: a bad permutation, then a good run."""
+    folder = tmp_path / "run"
+    write_dense_run(folder, steps=1, permutation=np.arange(784)[::-1].copy())
+    ran = subprocess.run([sys.executable, str(SCRIPT), "--records-path", str(folder)],
+                         capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert "Undid the input pixel permutation" in ran.stdout
+    assert (folder / "connectivity.png").is_file()
+
+    np.save(folder / "pixel_permutation.npy", np.arange(700))
+    failed = subprocess.run([sys.executable, str(SCRIPT), "--records-path", str(folder)],
+                            capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        "visualise_connectivity: error: pixel_permutation.npy: not a permutation of "
+        "0..783 (700 entries, 700 distinct, values 0..699)"]
