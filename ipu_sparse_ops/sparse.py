@@ -190,6 +190,30 @@ def random_triplets(spec: MatmulSpec, count: int, rng: np.random.Generator,
     return Triplets(rows, cols, np.asarray(generate(size=shape)).astype(spec.dtype))
 
 
+def givens_orthogonal(size: int, density: float, rng: np.random.Generator) -> np.ndarray:
+    """A sparse random orthogonal [size, size] matrix with >= ceil(density * size^2) non-zeros.
+
+    The original example's construction: starting from the identity, apply
+    rotations by a uniform angle in the plane of two distinct random rows until
+    the matrix is dense enough; entries within 1e-8 of zero are snapped to zero.
+    A rotation changes only its two rows, so each one costs O(size).
+    """
+    target = math.ceil(density * size * size)
+    q = np.identity(size)
+    non_zeros = size
+    while non_zeros < target:
+        theta = rng.uniform(0.0, 2.0 * math.pi)
+        i, j = np.sort(rng.choice(size, size=2, replace=False))
+        before = np.count_nonzero(q[[i, j]])
+        c, s = math.cos(theta), math.sin(theta)
+        q[[i, j]] = np.array([[c, -s], [s, c]]) @ q[[i, j]]
+        rows = q[[i, j]]
+        rows[np.abs(rows) <= 1e-8] = 0.0
+        q[[i, j]] = rows
+        non_zeros += np.count_nonzero(rows) - before
+    return q
+
+
 def dense_from_triplets(spec: MatmulSpec, triplets: Triplets) -> np.ndarray:
     """W as a dense [input_size, output_size] array (zeros off the pattern)."""
     _check_triplets(spec, triplets)

@@ -24,7 +24,21 @@ def run_tool(*args, isa=None):
 
 @pytest.mark.parametrize("pattern", sparse_matmul.PATTERNS)
 def test_every_pattern_at_defaults(pattern):
-    assert sparse_matmul.main(["--pattern", pattern]) == 0
+    # Element-wise random_orthogonal is square, as in the original: 16 x 16.
+    square = ["--output-size", "16"] if pattern == "random_orthogonal" else []
+    assert sparse_matmul.main(["--pattern", pattern, *square]) == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["--input-size", "1920", "--output-size", "1920", "--batch-size", "2",
+     "--pattern", "random_orthogonal"],
+    ["--input-size", "1600", "--output-size", "6400", "--batch-size", "16",
+     "--pattern", "random_sign_ones", "--data-type", "fp16", "--block-size", "16"],
+    ["--input-size", "6400", "--output-size", "1600", "--batch-size", "16",
+     "--pattern", "random_sign_ones", "--data-type", "fp16", "--block-size", "16"],
+], ids=["1920x1920-orthogonal", "1600x6400-fp16-b16", "6400x1600-fp16-b16"])
+def test_the_original_self_check_shapes(args):
+    assert sparse_matmul.main(args) == 0
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 8, 16])
@@ -48,8 +62,9 @@ def test_every_kernel_build(isa, block_size):
 
 @pytest.mark.parametrize("pattern", sparse_matmul.PATTERNS)
 def test_largest_sizes(pattern):
+    blocks = pattern in ("fixed", "random_orthogonal")  # element-wise orthogonal is square
     result = run_tool("--pattern", pattern, "--batch-size", "3", "--input-size", "8192",
-                      "--output-size", "1536", "--block-size", "16" if pattern == "fixed" else "1")
+                      "--output-size", "1536", "--block-size", "16" if blocks else "1")
     assert result.returncode == 0 and "Results match." in result.stdout, result.stdout + result.stderr
 
 
@@ -73,6 +88,7 @@ def test_a_wrong_result_is_reported(monkeypatch, capsys):
     (["--density", "0"], "--density must be in (0, 1]"),
     (["--block-size", "3"], "invalid choice"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--pattern", "random_orthogonal"], "needs --input-size == --output-size, got 16 and 8"),
 ])
 def test_bad_arguments_give_one_line(args, message):
     result = run_tool(*args)

@@ -110,3 +110,15 @@ def test_capacity_for_density():
     assert sparse.capacity_for_density(10, 10, 1.0, 0.5) == (100, 100)
     with pytest.raises(ValueError):
         sparse.capacity_for_density(10, 10, 0.0)
+
+
+@pytest.mark.parametrize("size, density", [(64, 0.05), (64, 0.3), (200, 0.1), (8, 1.0)])
+def test_givens_orthogonal_is_orthogonal_and_dense_enough(size, density):
+    q = sparse.givens_orthogonal(size, density, np.random.default_rng(size))
+    np.testing.assert_allclose(q.T @ q, np.eye(size), atol=1e-7)
+    np.testing.assert_allclose(q @ q.T, np.eye(size), atol=1e-7)
+    non_zeros = np.count_nonzero(q)
+    assert non_zeros >= np.ceil(density * size * size)
+    # Rotations stop once dense enough: each one adds at most 2 x size non-zeros.
+    assert non_zeros < max(size, np.ceil(density * size * size)) + 2 * size
+    assert not np.any((q != 0) & (np.abs(q) <= 1e-8))

@@ -32,10 +32,13 @@ def parse_args(argv=None):
     parser.add_argument("--pattern", choices=PATTERNS, default="fixed",
                         help="fixed: identity plus (1,3) and (0,7) where they fit; random: "
                              "normal values at --density; random_sign_ones: +-1 values and "
-                             "inputs, compared exactly; random_orthogonal: one random "
-                             "orthogonal block per block-row/column (default fixed)")
+                             "inputs, compared exactly; random_orthogonal: for block size 1 a "
+                             "square orthogonal W made of random Givens rotations up to "
+                             "--density (as the original), for blocks one random orthogonal "
+                             "block per block-row/column (default fixed)")
     parser.add_argument("--density", type=float, default=0.1,
-                        help="fraction of non-zero blocks for the random patterns (default 0.1)")
+                        help="fraction of non-zero blocks for the random patterns and the "
+                             "element-wise random_orthogonal one (default 0.1)")
     parser.add_argument("--meta-info-oversize", type=float, default=0.1,
                         help="capacity headroom over the non-zero count (default 0.1)")
     parser.add_argument("--data-type", choices=tuple(sparse.DATA_TYPES), default="fp32")
@@ -61,9 +64,24 @@ def fixed_indices(input_blocks: int, output_blocks: int) -> tuple[np.ndarray, np
     return np.array(rows), np.array(cols)
 
 
+def with_headroom(args, count: int, total: int) -> sparse.MatmulSpec:
+    capacity = min(total, int(np.ceil(count * (1 + args.meta_info_oversize))))
+    return sparse.MatmulSpec(args.input_size, args.output_size, capacity, args.block_size,
+                             args.data_type, args.pooling_type)
+
+
+def givens_pattern(args, rng: np.random.Generator) -> tuple[sparse.MatmulSpec, sparse.Triplets]:
+    """The original's random_orthogonal: Givens rotations up to --density (square, block 1)."""
+    orthogonal = sparse.givens_orthogonal(args.input_size, args.density, rng)
+    spec = with_headroom(args, np.count_nonzero(orthogonal), orthogonal.size)
+    return spec, sparse.triplets_from_dense(spec, orthogonal)
+
+
 def make_pattern(args, rng: np.random.Generator) -> tuple[sparse.MatmulSpec, sparse.Triplets]:
     bs = args.block_size
     input_blocks, output_blocks = args.input_size // bs, args.output_size // bs
+    if args.pattern == "random_orthogonal" and bs == 1:
+        return givens_pattern(args, rng)
     if args.pattern == "fixed":
         rows, cols = fixed_indices(input_blocks, output_blocks)
     elif args.pattern == "random_orthogonal":
@@ -74,9 +92,7 @@ def make_pattern(args, rng: np.random.Generator) -> tuple[sparse.MatmulSpec, spa
         count, _ = sparse.capacity_for_density(input_blocks, output_blocks, args.density)
         rows, cols = sparse.disjoint_random_indices(input_blocks, output_blocks, count, rng)
     count = len(rows)
-    capacity = min(input_blocks * output_blocks, int(np.ceil(count * (1 + args.meta_info_oversize))))
-    spec = sparse.MatmulSpec(args.input_size, args.output_size, capacity, bs,
-                             args.data_type, args.pooling_type)
+    spec = with_headroom(args, count, input_blocks * output_blocks)
     shape = (count, bs, bs)
     if args.pattern == "random_orthogonal":
         values = np.linalg.qr(rng.standard_normal(shape))[0]
@@ -173,6 +189,10 @@ def main(argv=None) -> int:
         if size < 1 or size % args.block_size:
             fail(prog, f"--{name}-size {size} must be a positive multiple of --block-size "
                        f"{args.block_size}")
+    if (args.pattern == "random_orthogonal" and args.block_size == 1
+            and args.input_size != args.output_size):
+        fail(prog, f"--pattern random_orthogonal with --block-size 1 needs --input-size == "
+                   f"--output-size, got {args.input_size} and {args.output_size}")
     try:
         failures = run_check(args)
     except ImportError as error:
