@@ -23,8 +23,10 @@ def pytest_sessionstart(session):
 
 
 def _machine_line() -> str:
-    from ipu_sparse_ops import ops
     from ipu_sparse_ops.tf_startup import onednn_enabled
+    from tests.fuzz import loader
+
+    ops, _, _ = loader.load()  # the build the fuzz suite's AddressSanitizer run asks for
 
     onednn = {True: "on", False: "off", None: "unknown"}[onednn_enabled()]
     forced = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
