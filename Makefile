@@ -82,11 +82,16 @@ test: all $(DATA_STAMP)
 test-slow: all $(DATA_STAMP)
 	$(PYTHON) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 
-# The performance table (op vs tf.matmul, and MNIST end to end); bench-quick is a subset.
-bench: all $(DATA_STAMP)
+# The performance table (op vs the faster of TensorFlow's dense matmul with oneDNN off
+# and on, and MNIST end to end); bench-quick is a subset.
+bench: all $(DATA_STAMP) $(BUILD)/fma_peak
 	PYTHONPATH=. $(PYTHON) bench/benchmark.py
-bench-quick: all $(DATA_STAMP)
+bench-quick: all $(DATA_STAMP) $(BUILD)/fma_peak
 	PYTHONPATH=. $(PYTHON) bench/benchmark.py --quick
+
+# The machine's float32 FMA peak, the yardstick of the table's "% peak".
+$(BUILD)/fma_peak: bench/fma_peak.cc | $(BUILD)
+	$(CXX) -O3 -std=c++17 -Wall -Wextra -o $@ $< -lpthread
 
 selfcheck: all
 	$(PYTHON) ipu_sparse_ops/tools/sparse_matmul.py

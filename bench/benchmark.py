@@ -1,13 +1,17 @@
-"""Speed of the dynamic sparse matmul op against dense tf.matmul and tf.sparse.
+"""Speed of the dynamic sparse matmul op against the fastest dense matmul and tf.sparse.
 
-Prints one table. Each contender runs as a tf.function that calls it several
-times on distinct copies of its inputs (so grappler cannot merge the calls and
-Python dispatch is amortised, as in a traced training step). The contenders of
-a row are timed in interleaved rounds, one run each per round, so a burst of
-load from other jobs hits them alike; a time is the median over rounds. All
-timings are taken in this process with TensorFlow on 2 intra-op threads.
-Ratios are dense time / ours; GFLOP/s counts useful FLOPs only
-(2 x batch x non-zero elements).
+Prints one table. The dense baseline is TensorFlow's tf.matmul with oneDNN off
+and with it on, each in its own child process (TF_ENABLE_ONEDNN_OPTS is read at
+import), and the faster of the two counts. Every case is timed two ways:
+`call`, one call from Python to a tf.function holding one op (dispatch
+included), and `loop`, per op inside one traced function of many calls on
+distinct copies of the inputs (so grappler cannot merge them), as a training
+step runs it. The contenders of a row, in this process and in both children,
+are timed in interleaved rounds, one run each per round, so a burst of load
+from other jobs hits them alike; a time is the median over rounds. TensorFlow
+runs on 2 intra-op threads everywhere. Ratios are best dense time / ours;
+GFLOP/s counts useful FLOPs only (2 x batch x non-zero elements), and "% peak"
+divides it by the machine's FMA peak measured by bench/fma_peak.cc.
 
     PYTHONPATH=. python bench/benchmark.py [--quick] [--fp16] [--repeats N]
 """
@@ -16,7 +20,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +33,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from ipu_sparse_ops import cli, ops, sparse  # loading the library starts no TF runtime
-from ipu_sparse_ops.tf_startup import tf
+from ipu_sparse_ops.tf_startup import onednn_enabled, tf
 
 INTRA_OP_THREADS = 2
 SHAPES = ((256, 4096, 4096), (256, 1024, 1024), (128, 784, 320), (16, 784, 320))
@@ -37,6 +45,9 @@ QUICK_CASES = (((256, 4096, 4096), 0.1, 1), ((256, 4096, 4096), 0.1, 16),
                ((16, 784, 320), 0.1, 1), ((16, 784, 320), 0.1, 16))
 TARGET_SECONDS_PER_RUN = 0.05  # calls per timed run are chosen to last about this
 MAX_CALLS_PER_RUN = 32
+MODES = ("call", "loop")
+REPO = Path(__file__).resolve().parents[1]
+FMA_PEAK = REPO / "build" / "fma_peak"
 
 
 class Case(NamedTuple):
@@ -56,9 +67,9 @@ def configure_threads() -> None:
 
 
 class Timed:
-    """op(*inputs) prepared for timing: a tf.function making `calls` calls."""
+    """op(*inputs) prepared for timing in `mode` ("call" or "loop"), over `calls` calls."""
 
-    def __init__(self, op: Callable, make_inputs: Callable[[], tuple]):
+    def __init__(self, op: Callable, make_inputs: Callable[[], tuple], mode: str):
         probe = make_inputs()
         op(*probe)  # warm up: kernel caches, thread pool, allocator
         start = time.perf_counter()
@@ -67,25 +78,23 @@ class Timed:
         self.calls = int(min(MAX_CALLS_PER_RUN,
                              max(1, TARGET_SECONDS_PER_RUN // max(one_call, 1e-6))))
         self.inputs = [make_inputs() for _ in range(self.calls)]
-        self.function = tf.function(lambda all_inputs: [op(*args) for args in all_inputs])
-        self.function(self.inputs)  # trace
+        if mode == "loop":
+            traced = tf.function(lambda all_inputs: [op(*args) for args in all_inputs])
+            self.run_calls = lambda: traced(self.inputs)
+        else:
+            traced = tf.function(lambda args: op(*args))
+            self.run_calls = lambda: [traced(args) for args in self.inputs]
+        self.run_calls()  # trace
         self.seconds: list[float] = []
 
-    def run(self) -> None:
+    def run(self) -> float:
         start = time.perf_counter()
-        self.function(self.inputs)
+        self.run_calls()
         self.seconds.append((time.perf_counter() - start) / self.calls)
+        return self.seconds[-1]
 
     def median(self) -> float:
         return statistics.median(self.seconds)
-
-
-def time_interleaved(contenders: dict[str, Timed], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each contender, timed in interleaved rounds."""
-    for _ in range(repeats):
-        for timed in contenders.values():
-            timed.run()
-    return {name: timed.median() for name, timed in contenders.items()}
 
 
 def copies(*arrays: np.ndarray) -> Callable[[], tuple]:
@@ -96,7 +105,9 @@ def copies(*arrays: np.ndarray) -> Callable[[], tuple]:
 class Problem:
     """One case's random pattern and inputs, in the forms each contender takes."""
 
-    def __init__(self, case: Case, dtype: str, rng: np.random.Generator):
+    def __init__(self, case: Case, dtype: str, seed: int):
+        """The same seed gives the same pattern and inputs in every process."""
+        rng = np.random.default_rng(seed)
         self.case = case
         bs = case.block_size
         input_blocks, output_blocks = case.input_size // bs, case.output_size // bs
@@ -119,41 +130,41 @@ class Problem:
 
 # One function per measurement: each returns the contender ready to time.
 
-def our_forward(p: Problem) -> Timed:
+def our_forward(p: Problem, mode: str) -> Timed:
     representation = sparse.Representation(p.metainfo, p.nz_values)
-    return Timed(lambda x: ops.sparse_matmul(x, representation, p.spec), copies(p.x))
+    return Timed(lambda x: ops.sparse_matmul(x, representation, p.spec), copies(p.x), mode)
 
 
-def our_grad_input(p: Problem) -> Timed:
+def our_grad_input(p: Problem, mode: str) -> Timed:
     return Timed(lambda dy: ops._ops.ipu_sparse_matmul_grad_input(
-        dy, p.metainfo, p.nz_values, input_size=p.case.input_size), copies(p.dy))
+        dy, p.metainfo, p.nz_values, input_size=p.case.input_size), copies(p.dy), mode)
 
 
-def our_grad_values(p: Problem) -> Timed:
+def our_grad_values(p: Problem, mode: str) -> Timed:
     return Timed(lambda x, dy: ops._ops.ipu_sparse_matmul_grad_values(
-        x, dy, p.metainfo, block_size=p.case.block_size), copies(p.x, p.dy))
+        x, dy, p.metainfo, block_size=p.case.block_size), copies(p.x, p.dy), mode)
 
 
-def our_dense_grad(p: Problem) -> Timed:
+def our_dense_grad(p: Problem, mode: str) -> Timed:
     return Timed(lambda x, dy: ops._ops.ipu_sparse_matmul_dense_grad(
-        x, dy, True, block_size=p.case.block_size, pooling_type="NONE"), copies(p.x, p.dy))
+        x, dy, True, block_size=p.case.block_size, pooling_type="NONE"), copies(p.x, p.dy), mode)
 
 
-def dense_forward(p: Problem) -> Timed:
+def dense_forward(p: Problem, mode: str) -> Timed:
     w = tf.constant(p.w)
-    return Timed(lambda x: tf.matmul(x, w), copies(p.x))
+    return Timed(lambda x: tf.matmul(x, w), copies(p.x), mode)
 
 
-def dense_grad_input(p: Problem) -> Timed:
+def dense_grad_input(p: Problem, mode: str) -> Timed:
     w = tf.constant(p.w)
-    return Timed(lambda dy: tf.matmul(dy, w, transpose_b=True), copies(p.dy))
+    return Timed(lambda dy: tf.matmul(dy, w, transpose_b=True), copies(p.dy), mode)
 
 
-def dense_grad_weight(p: Problem) -> Timed:
-    return Timed(lambda x, dy: tf.matmul(x, dy, transpose_a=True), copies(p.x, p.dy))
+def dense_grad_weight(p: Problem, mode: str) -> Timed:
+    return Timed(lambda x, dy: tf.matmul(x, dy, transpose_a=True), copies(p.x, p.dy), mode)
 
 
-def tf_sparse_forward(p: Problem) -> Timed:
+def tf_sparse_forward(p: Problem, mode: str) -> Timed:
     """tf.sparse.sparse_dense_matmul computing y^T = W^T x^T (its fastest form)."""
     dense_w_t = sparse.dense_from_triplets(p.spec, p.triplets).T
     rows, cols = np.nonzero(dense_w_t)
@@ -161,25 +172,25 @@ def tf_sparse_forward(p: Problem) -> Timed:
         np.stack([rows, cols], axis=1).astype(np.int64), dense_w_t[rows, cols],
         dense_w_t.shape))
     return Timed(lambda x_t: tf.sparse.sparse_dense_matmul(w_t, x_t),
-                 copies(np.ascontiguousarray(p.x.T)))
+                 copies(np.ascontiguousarray(p.x.T)), mode)
 
 
-CONTENDERS = {
-    "fwd": our_forward, "gin": our_grad_input, "gval": our_grad_values,
-    "dgrad": our_dense_grad, "tf.mm": dense_forward, "tf.gin": dense_grad_input,
-    "tf.dW": dense_grad_weight, "tf.sp": tf_sparse_forward,
-}
+OURS = {"fwd": our_forward, "gin": our_grad_input, "gval": our_grad_values,
+        "dgrad": our_dense_grad, "tf.sp": tf_sparse_forward}
+DENSE = {"mm": dense_forward, "gin": dense_grad_input, "dW": dense_grad_weight}
+ONEDNN_SETTINGS = ("0", "1")  # TF_ENABLE_ONEDNN_OPTS of the two dense children
 
 COLUMNS = (
     # (header, width, format)
-    ("batch x in x out", 16, "{}"), ("dens", 5, "{:.2f}"), ("bs", 3, "{}"),
+    ("batch x in x out", 16, "{}"), ("dens", 5, "{:.2f}"), ("bs", 3, "{}"), ("mode", 4, "{}"),
     ("fwd ms", 8, "{:.3f}"), ("gin ms", 8, "{:.3f}"), ("gval ms", 8, "{:.3f}"),
     ("dgrad ms", 8, "{:.3f}"),
-    ("tf.mm ms", 8, "{:.3f}"), ("tf.gin ms", 9, "{:.3f}"), ("tf.dW ms", 8, "{:.3f}"),
+    ("mm ms", 8, "{:.3f}"), ("gin ms", 8, "{:.3f}"), ("dW ms", 8, "{:.3f}"), ("oneDNN", 11, "{}"),
     ("tf.sp ms", 8, "{:.3f}"),
     ("x fwd", 6, "{:.1f}"), ("x gin", 6, "{:.1f}"), ("x gval", 6, "{:.1f}"),
-    ("x tf.sp", 7, "{:.1f}"),
-    ("GF fwd", 6, "{:.0f}"), ("GF gin", 6, "{:.0f}"), ("GF gval", 7, "{:.0f}"),
+    ("dgrad/dW", 8, "{:.2f}"), ("x tf.sp", 7, "{:.1f}"),
+    ("GF fwd", 6, "{:.0f}"), ("%pk fwd", 7, "{:.0f}"), ("%pk gin", 7, "{:.0f}"),
+    ("%pk gval", 8, "{:.0f}"),
 )
 
 
@@ -190,17 +201,78 @@ def print_row(cells: Sequence) -> None:
     print(" ".join(text), flush=True)
 
 
-def benchmark_case(problem: Problem, repeats: int) -> list:
-    """One table row: our four ops, the baselines, ratios and GFLOP/s."""
-    t = time_interleaved({name: make(problem) for name, make in CONTENDERS.items()}, repeats)
-    c = problem.case
+class DenseChild:
+    """This script in --dense-worker mode under one TF_ENABLE_ONEDNN_OPTS, over pipes."""
+
+    def __init__(self, onednn: str, dtype: str):
+        env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "PYTHONPATH": str(REPO)}
+        self.onednn = onednn
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--dense-worker", "--dtype", dtype],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, request: dict) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the oneDNN={self.onednn} dense worker stopped "
+                               f"(exit {self.process.wait()})")
+        return json.loads(answer)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def dense_worker(dtype: str) -> int:
+    """Serves the parent: `prepare` a case's dense contenders, `run` one round of them."""
+    configure_threads()
+    timed = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["do"] == "prepare":
+            problem = Problem(Case(*request["case"]), dtype, request["seed"])
+            timed = {name: make(problem, request["mode"]) for name, make in DENSE.items()}
+            answer = {"onednn": onednn_enabled()}
+        else:
+            answer = {name: contender.run() for name, contender in timed.items()}
+        print(json.dumps(answer), flush=True)
+    return 0
+
+
+def benchmark_case(case: Case, mode: str, seed: int, dtype: str, children: list[DenseChild],
+                   repeats: int, peak_gflops: float | None) -> list:
+    """One table row: our ops, the best dense of both children, ratios and shares of peak."""
+    problem = Problem(case, dtype, seed)
+    ours = {name: make(problem, mode) for name, make in OURS.items()}
+    request = {"do": "prepare", "case": list(case), "seed": seed, "mode": mode}
+    for child in children:
+        child.ask(request)
+    dense = {(child.onednn, name): [] for child in children for name in DENSE}
+    for _ in range(repeats):
+        for contender in ours.values():
+            contender.run()
+        for child in children:
+            for name, seconds in child.ask({"do": "run"}).items():
+                dense[child.onednn, name].append(seconds)
+    t = {name: contender.median() for name, contender in ours.items()}
+    best, winner = {}, {}
+    for name in DENSE:
+        setting = min(ONEDNN_SETTINGS, key=lambda o: statistics.median(dense[o, name]))
+        best[name] = statistics.median(dense[setting, name])
+        winner[name] = {"0": "off", "1": "on"}[setting]
     ms = 1e3
-    return [f"{c.batch}x{c.input_size}x{c.output_size}", c.density, c.block_size,
+    share = ((lambda seconds: 100 * problem.gflops(seconds) / peak_gflops) if peak_gflops
+             else (lambda seconds: float("nan")))
+    return [f"{case.batch}x{case.input_size}x{case.output_size}", case.density,
+            case.block_size, mode,
             t["fwd"] * ms, t["gin"] * ms, t["gval"] * ms, t["dgrad"] * ms,
-            t["tf.mm"] * ms, t["tf.gin"] * ms, t["tf.dW"] * ms, t["tf.sp"] * ms,
-            t["tf.mm"] / t["fwd"], t["tf.gin"] / t["gin"], t["tf.dW"] / t["gval"],
-            t["tf.sp"] / t["fwd"],
-            problem.gflops(t["fwd"]), problem.gflops(t["gin"]), problem.gflops(t["gval"])]
+            best["mm"] * ms, best["gin"] * ms, best["dW"] * ms, "/".join(winner.values()),
+            t["tf.sp"] * ms,
+            best["mm"] / t["fwd"], best["gin"] / t["gin"], best["dW"] / t["gval"],
+            t["dgrad"] / best["dW"], t["tf.sp"] / t["fwd"],
+            problem.gflops(t["fwd"]), share(t["fwd"]), share(t["gin"]), share(t["gval"])]
 
 
 def cases(quick: bool) -> list[Case]:
@@ -210,14 +282,36 @@ def cases(quick: bool) -> list[Case]:
             for shape, density, bs in itertools.product(SHAPES, DENSITIES, BLOCK_SIZES)]
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fma_peak(threads: int) -> tuple[float | None, str]:
+    """(GFLOP/s, its line) from build/fma_peak, built by `make bench`."""
+    if not FMA_PEAK.exists():
+        return None, f"FMA peak not measured: {FMA_PEAK} is missing (make bench builds it)"
+    line = subprocess.run([str(FMA_PEAK), str(threads)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    return float(line.split()[-2]), f"FMA peak ({FMA_PEAK.name}): {line}"
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a one-minute subset: the cases the issue sets targets for")
+                        help="a few-minute subset: the cases the issue sets targets for")
     parser.add_argument("--fp16", action="store_true",
                         help="float16 storage for every contender (ours accumulates in float32)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds per row (default 7, 3 with --quick)")
+    parser.add_argument("--dense-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
@@ -228,17 +322,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    if args.dense_worker:
+        return dense_worker(args.dtype)
     configure_threads()
     dtype = "fp16" if args.fp16 else "fp32"
-    rng = np.random.default_rng(0)
-    print(f"TensorFlow {tf.__version__}, {INTRA_OP_THREADS} intra-op threads, {dtype}, "
+    peak, peak_line = fma_peak(INTRA_OP_THREADS)
+    print(f"CPU: {cpu_model()}; op kernels: {ops.kernel_isa()}; {peak_line}\n"
+          f"TensorFlow {tf.__version__}, {INTRA_OP_THREADS} intra-op threads, {dtype}, "
           f"median of {args.repeats} interleaved rounds, times per call.\n"
-          f"x = dense time / ours (fwd vs tf.mm, gin vs tf.gin, gval vs tf.dW, "
-          f"tf.sp vs fwd); GF = useful GFLOP/s; dgrad = our dense gradient; "
-          f"tf.sp = tf.sparse.sparse_dense_matmul")
-    print_row([header for header, _, _ in COLUMNS])
-    for case in cases(args.quick):
-        print_row(benchmark_case(Problem(case, dtype, rng), args.repeats))
+          f"Dense (mm = x W, gin = dy W^T, dW = x^T dy) is the faster of TensorFlow with "
+          f"oneDNN off and on, each in its own process; the oneDNN column says which won "
+          f"(mm/gin/dW).\n"
+          f"x = best dense time / ours (fwd vs mm, gin vs gin, gval vs dW); dgrad/dW = our "
+          f"dense gradient's time over the best dW; x tf.sp = tf.sparse.sparse_dense_matmul "
+          f"time / our fwd; GF = useful GFLOP/s; %pk = share of the FMA peak.")
+    children = [DenseChild(onednn, dtype) for onednn in ONEDNN_SETTINGS]
+    try:
+        print_row([header for header, _, _ in COLUMNS])
+        for seed, case in enumerate(cases(args.quick)):
+            for mode in MODES:
+                print_row(benchmark_case(case, mode, seed, dtype, children, args.repeats, peak))
+    finally:
+        for child in children:
+            child.close()
     print()
     mnist_end_to_end(epochs=1 if args.quick else 2)
     return 0
@@ -257,7 +363,7 @@ def mnist_end_to_end(epochs: int) -> None:
     import re
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "mnist_rigl" / "sparse_mnist.py"
+    script = REPO / "mnist_rigl" / "sparse_mnist.py"
     print(f"End to end: mnist_rigl/sparse_mnist.py, {epochs} epoch(s), batch 16, seed 0")
     row = "{:<30} {:>10} {:>8} {:>8}".format
     print(row("model", "samples/s", "x dense", "Rig-L %"))
