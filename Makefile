@@ -1,6 +1,6 @@
 # make -j      builds the TensorFlow op library and the pybind11 host utilities
 # make mnist   the main job: sparse MNIST with Rig-L and its connectivity GIF
-# make bench   the performance table (make bench-quick: a one-minute subset)
+# make bench   the performance table (make bench-quick: a two-minute subset)
 # make test    installs what is missing, builds, fetches MNIST, runs the tests
 # make test-slow  the longer training runs
 # make clean   removes what make built
