@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from ipu_sparse_ops import cli, ops, sparse  # loading the library starts no TF runtime
+from ipu_sparse_ops.machine import cpu_model
 from ipu_sparse_ops.tf_startup import onednn_enabled, tf
 
 INTRA_OP_THREADS = 2
@@ -280,17 +280,6 @@ def cases(quick: bool) -> list[Case]:
         return [Case(*shape, density, bs) for shape, density, bs in QUICK_CASES]
     return [Case(*shape, density, bs)
             for shape, density, bs in itertools.product(SHAPES, DENSITIES, BLOCK_SIZES)]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fma_peak(threads: int) -> tuple[float | None, str]:

@@ -1,18 +1,6 @@
 """One line at the start of every run: which kernels and which dense TensorFlow."""
 
 import os
-import platform
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def pytest_sessionstart(session):
@@ -23,6 +11,7 @@ def pytest_sessionstart(session):
 
 
 def _machine_line() -> str:
+    from ipu_sparse_ops.machine import cpu_model
     from ipu_sparse_ops.tf_startup import onednn_enabled
     from tests.fuzz import loader
 
@@ -31,4 +20,4 @@ def _machine_line() -> str:
     onednn = {True: "on", False: "off", None: "unknown"}[onednn_enabled()]
     forced = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     onednn += f" (TF_ENABLE_ONEDNN_OPTS={forced})" if forced is not None else " (TensorFlow's default)"
-    return f"CPU {_cpu_model()}; op kernels: {ops.kernel_isa()}; TensorFlow oneDNN: {onednn}"
+    return f"CPU {cpu_model()}; op kernels: {ops.kernel_isa()}; TensorFlow oneDNN: {onednn}"
