@@ -65,6 +65,39 @@ RUN_DEFINING_FLAGS = (
 
 # ---- command line ----------------------------------------------------------------------
 
+IPU_ONLY = "IPU only; accepted and ignored on the CPU"
+
+
+class IpuOnlyFlag(argparse.Action):
+    """A flag of the original that only meant something on an IPU: its value is stored
+    (True for a switch, nargs=0) and its name added to `ipu_only_given` for the log."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+        if self.option_strings[0] not in namespace.ipu_only_given:
+            namespace.ipu_only_given = (*namespace.ipu_only_given, self.option_strings[0])
+
+
+def add_ipu_only_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("IPU-only flags of the original", IPU_ONLY + ".")
+    group.add_argument("--partials-type", action=IpuOnlyFlag, choices=("fp32", "fp16"),
+                       default="fp32", help="type of the matmuls' intermediate sums")
+    group.add_argument("--disable-shared-buckets", action=IpuOnlyFlag, nargs=0, default=False,
+                       help="no bucket sharing between the forward and backward passes")
+    group.add_argument("--batches-per-step-override", action=IpuOnlyFlag, type=int,
+                       default=None, metavar="N", help="device iterations per host return")
+    group.add_argument("--disable-dense-grad-override", action=IpuOnlyFlag, nargs=0,
+                       default=False, help="drop the dense-gradient outfeed")
+    group.add_argument("--pipelining", action=IpuOnlyFlag, nargs=0, default=False,
+                       help="pipeline the model over IPUs")
+    group.add_argument("--pipeline-schedule", action=IpuOnlyFlag,
+                       choices=("Grouped", "Interleaved", "Sequential"), default="Grouped",
+                       help="order of the pipeline's forward and backward passes")
+    group.add_argument("--on-demand", action=IpuOnlyFlag, nargs=0, default=False,
+                       help="attach to the IPU only when it runs")
+    parser.set_defaults(ipu_only_given=())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=PROG,
@@ -126,7 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None,
                         help="read MNIST from the four IDX files here instead of the caches")
     parser.add_argument("--log-level", default="INFO",
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+                        choices=("NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+                        help="logging level")
+    parser.add_argument("--log", type=Path, default=None, metavar="FILE",
+                        help="also write the log to FILE (overwritten)")
+    parser.add_argument("--test-mode", choices=("training", "tests", "all"), default="all",
+                        help="train only (no test evaluation), test only (the checkpoint "
+                             "--restore finds, else the initial model), or both")
+    parser.add_argument("--single-train-step-only", action="store_true",
+                        help="stop training after one training step (no Rig-L update, no "
+                             "checkpoint); then test if --test-mode says so")
+    add_ipu_only_flags(parser)
     return parser
 
 
@@ -159,6 +202,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--block-size {bs} does not divide {name}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.batches_per_step_override is not None and args.batches_per_step_override < 1:
+        raise UsageError(f"--batches-per-step-override must be >= 1, got "
+                         f"{args.batches_per_step_override}")
+    if args.single_train_step_only and args.test_mode == "tests":
+        raise UsageError("--single-train-step-only needs training; --test-mode tests has none")
     if args.restore and args.checkpoint_path is None:
         raise UsageError("--restore needs --checkpoint-path")
     if args.records_path is not None:
@@ -505,7 +553,7 @@ def train(args: argparse.Namespace, data) -> dict:
     for folder in (args.records_path, args.checkpoint_path):
         if folder is not None:
             remove_stale_temps(folder)
-    if args.records_path is not None and segments_done == 0:
+    if args.records_path is not None and segments_done == 0 and args.test_mode != "tests":
         write_record(args.records_path, 0, model.fc1)
 
     for name, layer in model.layers.items():
@@ -521,12 +569,19 @@ def train(args: argparse.Namespace, data) -> dict:
                                        weight_decay=args.weight_decay)
     samples, train_seconds, update_seconds = 0, 0.0, 0.0
     epoch_seconds: dict[int, float] = {}
-    for segment in range(segments_done, plan.total_segments):
+    segments = range(segments_done, plan.total_segments)
+    if args.test_mode == "tests":
+        segments = range(0)  # evaluate the restored (or initial) model only
+    elif args.single_train_step_only:
+        segments = segments[:1]
+    for segment in segments:
         epoch, first, count = plan.segment(segment)
         step = plan.first_step(segment)
         if first == 0 or perm is None:
             perm = rng.permutation(n_train).astype(np.int32)
         update = do_updates and segment < plan.num_updates
+        if args.single_train_step_only:
+            count, update = 1, False
         started = time.perf_counter()
         done, loss_sum, correct, dense_grads = train_segment(
             perm, first, count, step, update and args.regrow == "rigl")
@@ -554,15 +609,20 @@ def train(args: argparse.Namespace, data) -> dict:
             int(correct) / (count * args.batch_size),
             "".join(f"  {name} moved {n}" for name, n in moved.items()),
             count * args.batch_size / elapsed)
+        if args.single_train_step_only:
+            logger.info("stopped after one training step (--single-train-step-only)")
+            break
         last = segment + 1 == plan.total_segments
         if args.checkpoint_path is not None and ((segment + 1) % args.checkpoint_freq == 0
                                                  or last):
             save_checkpoint(args.checkpoint_path, model, optimizer, config, segment + 1, step,
                             perm, rng)
 
-    test_loss, test_accuracy = (float(v) for v in make_evaluate(model, x_test, y_test)())
-    if not math.isfinite(test_loss):
-        raise TrainingError("the test loss is NaN/Inf; the weights have diverged")
+    test_loss = test_accuracy = None  # --test-mode training: no evaluation
+    if args.test_mode != "training":
+        test_loss, test_accuracy = (float(v) for v in make_evaluate(model, x_test, y_test)())
+        if not math.isfinite(test_loss):
+            raise TrainingError("the test loss is NaN/Inf; the weights have diverged")
     traces = train_segment.experimental_get_tracing_count()
     logger.debug("the training loop was traced %d time(s)", traces)
     return {"test_loss": test_loss, "test_accuracy": test_accuracy, "samples": samples,
@@ -573,15 +633,26 @@ def train(args: argparse.Namespace, data) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Progress goes to stdout: stderr is kept for the one line that explains a failure.
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if args.log is not None:
+        try:
+            handlers.append(logging.FileHandler(args.log, mode="w"))
+        except OSError as e:
+            print(f"{PROG}: error: --log {args.log}: cannot write ({e.strerror or e})",
+                  file=sys.stderr)
+            return 1
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
+                        datefmt="%H:%M:%S", handlers=handlers)
+    if args.ipu_only_given:
+        logger.info("ignored on the CPU (IPU only): %s", ", ".join(args.ipu_only_given))
     try:
         data = load_mnist(args.data_dir)
         results = train(args, data)
     except (UsageError, TrainingError, MnistError, OSError) as e:
         return report_failure(PROG, e)
-    print(f"Test loss: {results['test_loss']:.3f} Test accuracy: "
-          f"{results['test_accuracy']:.4f}")  # exact: 10,000 test images
+    if results["test_loss"] is not None:
+        print(f"Test loss: {results['test_loss']:.3f} Test accuracy: "
+              f"{results['test_accuracy']:.4f}")  # exact: 10,000 test images
     if results["samples"]:
         epochs = results["epoch_seconds"]
         print(f"Throughput: {results['samples'] / results['train_seconds']:.0f} samples/s "

@@ -342,6 +342,15 @@ def bad_input_cases(tmp_path):
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--train-samples", "10", "--batch-size", "4", "--steps-per-epoch", "5"],
          "fewer than --steps-per-epoch"),
+        (["--log-level", "LOUD"], "invalid choice"),
+        (["--log", str(a_file / "run.log")], "--log"),
+        (["--test-mode", "eval"], "invalid choice"),
+        (["--single-train-step-only", "--test-mode", "tests"], "needs training"),
+        (["--partials-type", "fp8"], "invalid choice"),
+        (["--pipeline-schedule", "Fast"], "invalid choice"),
+        (["--batches-per-step-override", "many"], "invalid int value"),
+        (["--batches-per-step-override", "0"], "--batches-per-step-override must be >= 1"),
+        (["--pipelining=yes"], "ignored explicit argument"),
     ]
 
 
@@ -351,6 +360,70 @@ def test_bad_input_gives_one_line(tmp_path, capsys):
         assert code not in (0, None), argv
         assert err.count("\n") == 1 and err.startswith("sparse_mnist.py: error:"), (argv, err)
         assert message in err, (argv, err)
+
+
+# ---- flags of the original --------------------------------------------------------------
+
+TINY = ["--densities", "0.1", "0.3", "--epochs", "1", "--steps-per-epoch", "2",
+        "--train-samples", "800", "--seed", "5", "--log-level", "WARNING"]
+IPU_ONLY_FLAGS = ["--partials-type", "fp16", "--disable-shared-buckets",
+                  "--batches-per-step-override", "7", "--disable-dense-grad-override",
+                  "--pipelining", "--pipeline-schedule", "Interleaved", "--on-demand"]
+
+
+def test_ipu_only_flags_change_nothing(mnist, tmp_path):
+    plain = train([*TINY, "--checkpoint-path", str(tmp_path / "plain")], mnist)
+    ipu = train([*TINY, *IPU_ONLY_FLAGS, "--checkpoint-path", str(tmp_path / "ipu")], mnist)
+    assert (plain["test_loss"], plain["test_accuracy"]) == (ipu["test_loss"],
+                                                              ipu["test_accuracy"])
+    assert_same_arrays(final_checkpoint(tmp_path / "plain")[1],
+                       final_checkpoint(tmp_path / "ipu")[1])
+    args = sparse_mnist.parse_args(IPU_ONLY_FLAGS + ["--pipelining"])
+    assert args.ipu_only_given == ("--partials-type", "--disable-shared-buckets",
+                                   "--batches-per-step-override", "--disable-dense-grad-override",
+                                   "--pipelining", "--pipeline-schedule", "--on-demand")
+    assert sparse_mnist.parse_args([]).ipu_only_given == ()
+
+
+def test_log_file_and_the_ignored_flags_line(tmp_path):
+    log = tmp_path / "run.log"
+    proc = run_script([*TINY, "--log-level", "INFO", "--log", str(log), "--on-demand",
+                       "--partials-type", "fp32"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    text = log.read_text()
+    ignored = [line for line in text.splitlines() if "ignored on the CPU" in line]
+    assert len(ignored) == 1 and ignored[0].endswith("INFO ignored on the CPU (IPU only): "
+                                                      "--on-demand, --partials-type"), text
+    assert "Rig-L step 2/2" in text and "Rig-L step 2/2" in out
+    assert "Test loss" in out and "Test loss" not in text  # results are printed, not logged
+
+
+def test_test_mode_and_single_step(mnist, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert sparse_mnist.main([*TINY, "--test-mode", "training",
+                              "--checkpoint-path", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "Test loss" not in out and "Throughput" in out
+    both = train(TINY, mnist)
+    # tests only, from the checkpoint: the result of training and testing in one run.
+    assert sparse_mnist.main([*TINY, "--test-mode", "tests", "--checkpoint-path", str(ckpt),
+                              "--restore"]) == 0
+    out = capsys.readouterr().out
+    assert (f"Test loss: {both['test_loss']:.3f} Test accuracy: "
+            f"{both['test_accuracy']:.4f}") in out and "Throughput" not in out
+    initial = train([*TINY, "--test-mode", "tests"], mnist)  # the untrained model
+    assert initial["samples"] == 0 and initial["traces"] == 0
+    assert initial["test_accuracy"] < 0.5 < both["test_accuracy"]
+
+    single = tmp_path / "single"
+    one = train([*TINY, "--single-train-step-only", "--checkpoint-path", str(single / "ckpt"),
+                 "--records-path", str(single / "records")], mnist)
+    assert one["samples"] == 16 and one["traces"] == 1 and np.isfinite(one["test_loss"])
+    assert not (single / "ckpt" / "checkpoint.json").exists()
+    assert sorted(records(single / "records")) == ["weights_fc1_000000.npz"]
+    untested = train([*TINY, "--single-train-step-only", "--test-mode", "training"], mnist)
+    assert untested["samples"] == 16 and untested["test_loss"] is None
 
 
 def test_nan_loss_stops_training(mnist, capsys):
