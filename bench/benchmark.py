@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -175,8 +176,8 @@ def tf_sparse_forward(p: Problem, mode: str) -> Timed:
                  copies(np.ascontiguousarray(p.x.T)), mode)
 
 
-OURS = {"fwd": our_forward, "gin": our_grad_input, "gval": our_grad_values,
-        "dgrad": our_dense_grad, "tf.sp": tf_sparse_forward}
+IN_PROCESS = {"fwd": our_forward, "gin": our_grad_input, "gval": our_grad_values,
+              "dgrad": our_dense_grad, "tf.sp": tf_sparse_forward}
 DENSE = {"mm": dense_forward, "gin": dense_grad_input, "dW": dense_grad_weight}
 ONEDNN_SETTINGS = ("0", "1")  # TF_ENABLE_ONEDNN_OPTS of the two dense children
 
@@ -206,7 +207,7 @@ class DenseChild:
 
     def __init__(self, onednn: str, dtype: str):
         env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "PYTHONPATH": str(REPO)}
-        self.onednn = onednn
+        self.label = "?"  # oneDNN as the child's TensorFlow reports it, once it has answered
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--dense-worker", "--dtype", dtype],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -216,7 +217,7 @@ class DenseChild:
         self.process.stdin.flush()
         answer = self.process.stdout.readline()
         if not answer:
-            raise RuntimeError(f"the oneDNN={self.onednn} dense worker stopped "
+            raise RuntimeError(f"a dense worker stopped "
                                f"(exit {self.process.wait()})")
         return json.loads(answer)
 
@@ -245,23 +246,23 @@ def benchmark_case(case: Case, mode: str, seed: int, dtype: str, children: list[
                    repeats: int, peak_gflops: float | None) -> list:
     """One table row: our ops, the best dense of both children, ratios and shares of peak."""
     problem = Problem(case, dtype, seed)
-    ours = {name: make(problem, mode) for name, make in OURS.items()}
+    here = {name: make(problem, mode) for name, make in IN_PROCESS.items()}
     request = {"do": "prepare", "case": list(case), "seed": seed, "mode": mode}
     for child in children:
-        child.ask(request)
-    dense = {(child.onednn, name): [] for child in children for name in DENSE}
+        child.label = {True: "on", False: "off", None: "?"}[child.ask(request)["onednn"]]
+    dense = [{name: [] for name in DENSE} for _ in children]
     for _ in range(repeats):
-        for contender in ours.values():
+        for contender in here.values():
             contender.run()
-        for child in children:
-            for name, seconds in child.ask({"do": "run"}).items():
-                dense[child.onednn, name].append(seconds)
-    t = {name: contender.median() for name, contender in ours.items()}
+        for child, seconds in zip(children, dense):
+            for name, value in child.ask({"do": "run"}).items():
+                seconds[name].append(value)
+    t = {name: contender.median() for name, contender in here.items()}
     best, winner = {}, {}
     for name in DENSE:
-        setting = min(ONEDNN_SETTINGS, key=lambda o: statistics.median(dense[o, name]))
-        best[name] = statistics.median(dense[setting, name])
-        winner[name] = {"0": "off", "1": "on"}[setting]
+        medians = [statistics.median(seconds[name]) for seconds in dense]
+        fastest = min(range(len(children)), key=medians.__getitem__)
+        best[name], winner[name] = medians[fastest], children[fastest].label
     ms = 1e3
     share = ((lambda seconds: 100 * problem.gflops(seconds) / peak_gflops) if peak_gflops
              else (lambda seconds: float("nan")))
@@ -349,9 +350,6 @@ MNIST_CONFIGS = {  # name: sparse_mnist.py flags
 
 def mnist_end_to_end(epochs: int) -> None:
     """samples/s of sparse_mnist.py (default batch 16) and the host Rig-L share of its time."""
-    import re
-    import subprocess
-
     script = REPO / "mnist_rigl" / "sparse_mnist.py"
     print(f"End to end: mnist_rigl/sparse_mnist.py, {epochs} epoch(s), batch 16, seed 0")
     row = "{:<30} {:>10} {:>8} {:>8}".format
