@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 from ipu_sparse_ops.cli import ArgumentParser
+from ipu_sparse_ops.ipu_only_flags import IPU_ONLY, IpuOnlyFlag
 from ipu_sparse_ops.training_run import (
     SegmentPlan, TrainingError, UsageError, check_writable_dir, make_segment_loop, parse_flags,
     remove_stale_temps, report_failure, write_atomically)
@@ -64,19 +65,6 @@ RUN_DEFINING_FLAGS = (
 
 
 # ---- command line ----------------------------------------------------------------------
-
-IPU_ONLY = "IPU only; accepted and ignored on the CPU"
-
-
-class IpuOnlyFlag(argparse.Action):
-    """A flag of the original that only meant something on an IPU: its value is stored
-    (True for a switch, nargs=0) and its name added to `ipu_only_given` for the log."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, True if self.nargs == 0 else values)
-        if self.option_strings[0] not in namespace.ipu_only_given:
-            namespace.ipu_only_given = (*namespace.ipu_only_given, self.option_strings[0])
-
 
 def add_ipu_only_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("IPU-only flags of the original", IPU_ONLY + ".")
