@@ -63,7 +63,7 @@ LR_DECAY = ((0.0, 1.0), (0.25, 0.5), (0.5, 0.3), (0.75, 0.1))
 WARMUP_FRACTION = 0.05
 EVAL_BATCH = 500
 COSINE_KEYS = {"zero_steps": int, "phase_delay": float, "period": float}
-DEFAULT_COSINE = {"zero_steps": 0, "phase_delay": 0.0, "period": 1.0}
+DEFAULT_COSINE = {"zero_steps": 0, "phase_delay": 0.0, "period": 0.5}
 CHECKPOINT_NAME = "sparse_transformer.npz"
 # Flags that fix the model's shape; a checkpoint only loads into a model that agrees.
 MODEL_FLAGS = ("attention_heads", "hidden_length", "qkv_length", "ff_length", "data_type",
@@ -137,12 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the initial random patterns (static sparsity)")
     parser.add_argument("--cosine-prune-schedule", type=str, default=json.dumps(DEFAULT_COSINE),
                         metavar="JSON",
-                        help="prune count of update t of T: ceil(0.5 * ceil(prune_ratio * nnz) "
-                             "* (1 + cos(pi * (phase_delay + period * t / (T - zero_steps))))), "
-                             "and 0 for the last zero_steps updates; phase_delay and period "
-                             "are in half cosine cycles, so the default decays once from the "
-                             "full ratio to 0 over the run (the original's period 0.5, counted "
-                             "in whole cycles)")
+                        help="prune count of update t = 1..T: 0 for t < zero_steps, else "
+                             "ceil(ceil(prune_ratio * nnz) * 0.5 * (1 + cos(phase_delay + 2 pi "
+                             "* period * (t - zero_steps) / (T - zero_steps)))), as the original "
+                             "(phase_delay in radians, period in whole cycles: the default "
+                             "decays once to 0 at the last update)")
     parser.add_argument("--data-dir", default=None,
                         help="read MNIST from the four IDX files here instead of the caches")
     parser.add_argument("--checkpoint-path", type=Path, default=None,
@@ -219,7 +218,7 @@ def parse_cosine_schedule(text: str) -> dict:
         raise UsageError(f"--cosine-prune-schedule is not valid JSON ({e.msg})") from None
     if not isinstance(options, dict):
         raise UsageError("--cosine-prune-schedule must be a JSON object such as "
-                         '{"zero_steps": 0, "phase_delay": 0, "period": 1}')
+                         '{"zero_steps": 0, "phase_delay": 0, "period": 0.5}')
     unknown = sorted(set(options) - set(COSINE_KEYS))
     if unknown:
         raise UsageError(f"--cosine-prune-schedule: unknown key {unknown[0]!r}; the keys are "
@@ -401,7 +400,7 @@ def train(args, x_train, y_train, seed: int):
     prune_count = sparse_training.prune_schedule("cosine", **args.cosine_options)
     do_updates = bool(not args.disable_updating and sparse_layers and plan.num_updates > 0
                       and args.prune_ratio > 0.0)
-    if do_updates and args.cosine_options["zero_steps"] > plan.num_updates:
+    if do_updates and args.cosine_options["zero_steps"] >= plan.num_updates:
         raise UsageError(f"--cosine-prune-schedule: zero_steps "
                          f"{args.cosine_options['zero_steps']} exceeds the {plan.num_updates} "
                          "pattern updates of this run")
@@ -427,7 +426,8 @@ def train(args, x_train, y_train, seed: int):
             raise TrainingError(f"the loss became NaN/Inf at training step {step + done - 1}")
         moved = {}
         if update:
-            counts = {name: prune_count(segment, plan.num_updates, args.prune_ratio, layer.nnz)
+            counts = {name: prune_count(segment + 1, plan.num_updates, args.prune_ratio,
+                                        layer.nnz)
                       for name, layer in sparse_layers.items()}
             dense = dict(zip(sparse_layers, (g.numpy() for g in grads)))
             try:

@@ -161,7 +161,7 @@ class UpdateSchedule:
 
     `step` counts the training steps completed so far. The first update comes
     after `begin_step + interval` steps. `update_index` numbers the updates
-    t = 0 .. num_updates - 1, which is what the prune-count schedules take
+    t = 1 .. num_updates, which is what the prune-count schedules take
     (with T = num_updates).
     """
 
@@ -186,7 +186,7 @@ class UpdateSchedule:
         """t of the update due after `step` steps; ValueError if none is due."""
         if not self.is_update_step(step):
             raise ValueError(f"step {step} is not a pattern update step")
-        return (step - self.begin_step) // self.interval - 1
+        return (step - self.begin_step) // self.interval
 
 
 def _ceil(x: float) -> int:
@@ -212,32 +212,25 @@ def constant_prune_count(t: int, T: int, prune_ratio: float, nnz: int) -> int:
 
 
 def cosine_prune_count(t: int, T: int, prune_ratio: float, nnz: int, *, zero_steps: int = 0,
-                       phase_delay: float = 0.0, period: float = 1.0) -> int:
-    """Rig-L's cosine-decayed prune count for update t of T.
+                       phase_delay: float = 0.0, period: float = 0.5) -> int:
+    """Rig-L's cosine-decayed prune count for update t of T (t = 1 .. T), as the original.
 
-    With max_prune = ceil(prune_ratio * nnz), the base form (the defaults) is
+    With max_prune = ceil(prune_ratio * nnz), updates t < zero_steps move
+    nothing and the others move
 
-        k = ceil(0.5 * max_prune * (1 + cos(t * pi / T)))
+        k = ceil(max_prune * 0.5 * (1 + cos(phase_delay + 2 pi * period * (t - zero_steps) / (T - zero_steps))))
 
-    so the pattern moves a lot early and settles towards the end. The general
-    form used by the transformer squeezes the decay into the first
-    T - zero_steps updates, shifts it by phase_delay and scales its speed by
-    period (both in units of half a cosine cycle):
-
-        k = ceil(0.5 * max_prune * (1 + cos(pi * (phase_delay + period * t / (T - zero_steps)))))
-            for t < T - zero_steps, and k = 0 for the last zero_steps updates.
-
-    With zero_steps=0, phase_delay=0, period=1 the angle below is bit for bit
-    t * pi / T, so the general form reduces to the base one exactly.
+    phase_delay is in radians and period in whole cosine cycles over the
+    remaining updates. The default (period 0.5) is half a cycle: the first
+    update already moves a little less than max_prune and the T-th moves nothing.
     """
     _check_schedule_args(t, T, prune_ratio, nnz)
-    if not 0 <= zero_steps <= T:
-        raise ValueError(f"zero_steps must be in [0, T={T}], got {zero_steps}")
-    active = T - zero_steps
-    if t >= active:
+    if not 0 <= zero_steps < T:
+        raise ValueError(f"zero_steps must be in [0, T={T}), got {zero_steps}")
+    if t < zero_steps:
         return 0
-    angle = math.pi * phase_delay + math.pi * period * t / active
-    return _ceil(0.5 * _ceil(prune_ratio * nnz) * (1.0 + math.cos(angle)))
+    angle = phase_delay + period * ((t - zero_steps) * (2.0 * math.pi / (T - zero_steps)))
+    return _ceil(_ceil(prune_ratio * nnz) * (0.5 * (1.0 + math.cos(angle))))
 
 
 PruneCount = Callable[[int, int, float, int], int]

@@ -216,60 +216,67 @@ def test_follow_pattern_keeps_kept_slots_and_zeros_new(value_shape):
     assert aligned.dtype == slot.dtype
 
 
-@pytest.mark.parametrize("t, expected", [(0, 5), (1, 5), (2, 3), (3, 1), (4, 0)])
+def original_cosine(t, T, zero_steps, phase_delay, period):
+    """The original's schedule value, written from its description: 0 before zero_steps,
+    then half a raised cosine per 0.5 of period over the remaining updates."""
+    if t < zero_steps:
+        return 0.0
+    progress = (t - zero_steps) / (T - zero_steps)
+    return 0.5 * (1 + math.cos(phase_delay + 2 * math.pi * period * progress))
+
+
+@pytest.mark.parametrize("t, expected", [(1, 5), (2, 3), (3, 1), (4, 0)])
 def test_cosine_schedule_hand_values(t, expected):
-    # max_prune = ceil(0.5 * 10) = 5; 0.5 * 5 * (1 + cos(t pi / 4)) is
-    # 5, 4.268, 2.5, 0.732, 0.
+    # Updates t = 1..4; max_prune = ceil(0.5 * 10) = 5; 5 * 0.5 * (1 + cos(t pi / 4)) is
+    # 4.268, 2.5, 0.732, 0: the first update moves less than max_prune, the last nothing.
     assert cosine_prune_count(t, 4, 0.5, 10) == expected
-    assert cosine_prune_count(t, 4, 0.5, 10, zero_steps=0, phase_delay=0.0, period=1.0) == expected
+    assert cosine_prune_count(t, 4, 0.5, 10, zero_steps=0, phase_delay=0.0, period=0.5) == expected
 
 
 def test_schedules_are_not_fooled_by_rounding():
     # Integers in real arithmetic that floating point puts a hair above:
-    # 0.07 * 100 = 7.000000000000001 and 0.5 * 4 * (1 + cos(2 pi / 3)) = 1.0000000000000004.
+    # 0.07 * 100 = 7.000000000000001 and 4 * 0.5 * (1 + cos(2 pi / 3)) = 1.0000000000000004.
     assert constant_prune_count(0, 10, 0.07, 100) == 7
     assert cosine_prune_count(0, 10, 0.07, 100) == 7
     assert cosine_prune_count(2, 3, 1.0, 4) == 1
 
 
 @pytest.mark.parametrize("t, expected", [
-    (0, 2),  # angle pi/2: 2 * (1 + 0) = 2
-    (2, 2),  # 5pi/8: 2 * 0.6173 = 1.235
-    (4, 1),  # 3pi/4: 2 * 0.2929 = 0.586
-    (7, 1),  # 15pi/16: 2 * 0.0192 = 0.038
-    (8, 0), (9, 0), (10, 0),  # the last zero_steps updates
+    (1, 0), (2, 0),  # t < zero_steps: the FIRST updates move nothing
+    (3, 4),  # angle 0: the full max_prune
+    (4, 4),  # 2 pi * 0.5 * 1/7 = pi/7: 4 * 0.9505 = 3.80
+    (7, 2),  # 4 pi/7: 4 * 0.3887 = 1.55
+    (9, 1),  # 6 pi/7: 4 * 0.0495 = 0.198
+    (10, 0),  # pi: the last update moves nothing
 ])
-def test_general_cosine_schedule_hand_values(t, expected):
-    # T=10, zero_steps=2, so angle = pi * (0.5 + 0.5 * t / 8); max_prune = 4.
-    assert cosine_prune_count(t, 10, 0.5, 8, zero_steps=2, phase_delay=0.5, period=0.5) == expected
+def test_zero_steps_zero_the_first_updates(t, expected):
+    # T=10, zero_steps=3, max_prune = ceil(0.5 * 8) = 4.
+    assert cosine_prune_count(t, 10, 0.5, 8, zero_steps=3) == expected
 
 
 @pytest.mark.parametrize("t, expected", [
-    (0, 4),  # angle 0: 2 * 2 = 4
-    (2, 4),  # pi/4: 2 * 1.7071 = 3.414
-    (3, 3),  # 3pi/8: 2 * 1.3827 = 2.765
-    (4, 0), (5, 0),  # zero steps, although the cosine alone would give 2 at t=4
+    (1, 2),  # angle pi/4 + 2 pi / 4 = 3pi/4: 10 * 0.5 * (1 - 0.7071) = 1.46
+    (2, 2),  # 5pi/4: 1.46
+    (3, 9),  # 7pi/4: 10 * 0.5 * (1 + 0.7071) = 8.54
+    (4, 9),  # 9pi/4, one whole cycle after pi/4: 8.54
 ])
-def test_half_period_cosine_schedule_hand_values(t, expected):
-    # T=6, zero_steps=2, angle = pi * 0.5 * t / 4; max_prune = ceil(0.5 * 8) = 4.
-    assert cosine_prune_count(t, 6, 0.5, 8, zero_steps=2, period=0.5) == expected
+def test_phase_delay_in_radians_period_in_whole_cycles(t, expected):
+    # T=4, phase_delay=pi/4 (radians), period=1 (one whole cycle over the run); max_prune 10.
+    assert cosine_prune_count(t, 4, 0.5, 20, phase_delay=math.pi / 4, period=1.0) == expected
 
 
-@pytest.mark.parametrize("T, zero_steps", [(5, 0), (7, 3), (12, 4)])
-def test_zero_steps_compresses_the_base_schedule(T, zero_steps):
-    for t in range(T + 1):
-        expected = cosine_prune_count(t, T - zero_steps, 0.3, 97) if t < T - zero_steps else 0
-        assert cosine_prune_count(t, T, 0.3, 97, zero_steps=zero_steps) == expected
-
-
-def test_base_schedule_matches_formula_on_a_grid():
-    # Away from exact integers, the plain formula and the schedule agree.
+def test_cosine_schedule_matches_the_closed_form_on_a_grid():
+    # Away from exact integers, ceil(max_prune * schedule) as the original computes it.
     for T in (3, 7, 50):
-        for t in range(T + 1):
-            for ratio, nnz in ((0.3, 97), (0.5, 1000), (1.0, 13)):
-                value = 0.5 * math.ceil(ratio * nnz) * (1 + math.cos(t * math.pi / T))
-                if abs(value - round(value)) > 1e-6:
-                    assert cosine_prune_count(t, T, ratio, nnz) == math.ceil(value)
+        for zero_steps, phase_delay, period in ((0, 0.0, 0.5), (2, 0.3, 0.5), (1, 1.0, 2.0)):
+            for t in range(1, T + 1):
+                for ratio, nnz in ((0.3, 97), (0.5, 1000), (1.0, 13)):
+                    value = math.ceil(ratio * nnz) * original_cosine(t, T, zero_steps,
+                                                                     phase_delay, period)
+                    if abs(value - round(value)) > 1e-6:
+                        assert cosine_prune_count(t, T, ratio, nnz, zero_steps=zero_steps,
+                                                  phase_delay=phase_delay,
+                                                  period=period) == math.ceil(value)
 
 
 def test_constant_schedule():
@@ -281,7 +288,8 @@ def test_constant_schedule():
     ((0, 0, 0.5, 10), {}),  # T < 1
     ((0, 4, 1.5, 10), {}),
     ((0, 4, 0.5, -1), {}),
-    ((0, 4, 0.5, 10), {"zero_steps": 5}),
+    ((1, 4, 0.5, 10), {"zero_steps": 5}),
+    ((1, 4, 0.5, 10), {"zero_steps": 4}),  # zero_steps must leave an update to decay over
 ])
 def test_schedule_arguments_are_checked(args, kwargs):
     with pytest.raises(ValueError):
@@ -289,8 +297,8 @@ def test_schedule_arguments_are_checked(args, kwargs):
 
 
 def test_prune_schedule_factory():
-    cosine = prune_schedule("cosine", zero_steps=2, phase_delay=0.5, period=0.5)
-    assert [cosine(t, 10, 0.5, 8) for t in (0, 4, 8)] == [2, 1, 0]
+    cosine = prune_schedule("cosine", zero_steps=3)
+    assert [cosine(t, 10, 0.5, 8) for t in (1, 3, 7, 10)] == [0, 4, 2, 0]
     assert prune_schedule("constant")(1, 4, 0.25, 10) == 3
     with pytest.raises(ValueError, match="unknown prune schedule"):
         prune_schedule("linear")
@@ -301,7 +309,7 @@ def test_prune_schedule_factory():
 def test_update_schedule_steps():
     schedule = UpdateSchedule(interval=3, num_updates=2, begin_step=1)
     assert [step for step in range(12) if schedule.is_update_step(step)] == [4, 7]
-    assert [schedule.update_index(4), schedule.update_index(7)] == [0, 1]
+    assert [schedule.update_index(4), schedule.update_index(7)] == [1, 2]
     with pytest.raises(ValueError):
         schedule.update_index(5)
     with pytest.raises(ValueError):
