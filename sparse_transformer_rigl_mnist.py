@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GradientDescent, Momentum or Adam")
     parser.add_argument("--optimizer-arg", action="append", default=[], metavar="NAME=JSON",
                         help="optimizer option, repeatable, e.g. beta2=0.98 or momentum=0.9 "
-                             "(Adam: beta1, beta2, epsilon; Momentum: momentum, nesterov)")
+                             "(Adam: beta1, beta2, epsilon; Momentum: momentum, use_nesterov)")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="base learning rate; when not given Adam 0.005, Momentum 0.01, "
                              "GradientDescent 0.05. It ramps up over the first 5%% of the steps, "

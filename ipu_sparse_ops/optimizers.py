@@ -13,7 +13,7 @@ original example used):
 
     GradientDescent  w -= lr * g
     Momentum         a = momentum * a + g;  w -= lr * a
-                     (nesterov: w -= lr * (g + momentum * a))
+                     (use_nesterov: w -= lr * (g + momentum * a))
     Adam             t += 1;  m = b1 * m + (1 - b1) * g;  v = b2 * v + (1 - b2) * g^2
                      w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon)
 
@@ -162,21 +162,22 @@ class Momentum(Optimizer):
     slot_names = ("momentum",)
 
     def __init__(self, learning_rate: float = 0.01, momentum: float = 0.9,
-                 nesterov: bool = False):
+                 use_nesterov: bool = False):
         super().__init__(learning_rate)
         self.momentum = _number("momentum", momentum, minimum=0.0)
-        self.nesterov = _boolean("nesterov", nesterov)
+        self.use_nesterov = _boolean("use_nesterov", use_nesterov)
 
     def _apply(self, grad, var, slots, learning_rate):
         accum = slots["momentum"]
         momentum = tf.constant(self.momentum, var.dtype)
         new_accum = momentum * accum + grad
         accum.assign(new_accum)
-        step = grad + momentum * new_accum if self.nesterov else new_accum
+        step = grad + momentum * new_accum if self.use_nesterov else new_accum
         var.assign_sub(tf.cast(learning_rate, var.dtype) * step)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov}
+        return {**super().get_config(), "momentum": self.momentum,
+                "use_nesterov": self.use_nesterov}
 
 
 class Adam(Optimizer):
@@ -266,7 +267,7 @@ def make_optimizer(name: str, learning_rate: float, **options) -> Optimizer:
 
 
 def parse_optimizer_args(args: Sequence[str] | None) -> dict[str, object]:
-    """["momentum=0.9", "nesterov=true"] -> {"momentum": 0.9, "nesterov": True}.
+    """["momentum=0.9", "use_nesterov=true"] -> {"momentum": 0.9, "use_nesterov": True}.
 
     Each value is JSON (numbers, true/false, quoted strings). ValueError, with
     the offending argument in the message, for a missing "=", an empty name,

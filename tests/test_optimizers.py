@@ -28,15 +28,15 @@ def test_gradient_descent_one_step():
     np.testing.assert_allclose(var.numpy(), W0 - LR * G1, rtol=1e-6)
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_momentum_two_steps(nesterov):
-    opt = optimizers.Momentum(LR, momentum=0.9, nesterov=nesterov)
+@pytest.mark.parametrize("use_nesterov", [False, True])
+def test_momentum_two_steps(use_nesterov):
+    opt = optimizers.Momentum(LR, momentum=0.9, use_nesterov=use_nesterov)
     var = run_steps(opt, [G1, G2])
     w = W0.astype(np.float64)
     a = np.zeros(4)
     for g in (G1, G2):
         a = 0.9 * a + g
-        w = w - LR * ((g + 0.9 * a) if nesterov else a)
+        w = w - LR * ((g + 0.9 * a) if use_nesterov else a)
     np.testing.assert_allclose(var.numpy(), w, rtol=1e-6)
     np.testing.assert_allclose(opt.get_slot(var, "momentum").numpy(), a, rtol=1e-6)
 
@@ -93,12 +93,12 @@ def test_learning_rate_per_call_in_one_trace():
 
 
 def test_parse_optimizer_args():
-    assert optimizers.parse_optimizer_args(["momentum=0.9", "nesterov=true"]) == {
-        "momentum": 0.9, "nesterov": True}
+    assert optimizers.parse_optimizer_args(["momentum=0.9", "use_nesterov=true"]) == {
+        "momentum": 0.9, "use_nesterov": True}
     assert optimizers.parse_optimizer_args([" epsilon = 1e-2"]) == {"epsilon": 0.01}
     assert optimizers.parse_optimizer_args(None) == {}
     for bad, match in [("momentum", "name=<json>"), ("=1", "name=<json>"),
-                       ("nesterov=yes", "not valid JSON"), ("momentum=", "not valid JSON")]:
+                       ("use_nesterov=yes", "not valid JSON"), ("momentum=", "not valid JSON")]:
         with pytest.raises(ValueError, match=match):
             optimizers.parse_optimizer_args([bad])
     with pytest.raises(ValueError, match="twice"):
@@ -106,8 +106,8 @@ def test_parse_optimizer_args():
 
 
 def test_make_optimizer_by_name():
-    opt = optimizers.make_optimizer("momentum", 0.1, momentum=0.5, nesterov=True)
-    assert isinstance(opt, optimizers.Momentum) and opt.nesterov and opt.momentum == 0.5
+    opt = optimizers.make_optimizer("momentum", 0.1, momentum=0.5, use_nesterov=True)
+    assert isinstance(opt, optimizers.Momentum) and opt.use_nesterov and opt.momentum == 0.5
     assert isinstance(optimizers.make_optimizer("Adam", 0.1), optimizers.Adam)
     assert isinstance(optimizers.make_optimizer("GRADIENTDESCENT", 0.1),
                       optimizers.GradientDescent)
@@ -117,8 +117,8 @@ def test_make_optimizer_by_name():
         optimizers.make_optimizer("adam", 0.1, momentum=0.9)
     with pytest.raises(ValueError, match="momentum must be a number"):
         optimizers.make_optimizer("momentum", 0.1, momentum="0.9")
-    with pytest.raises(ValueError, match="nesterov must be true or false"):
-        optimizers.make_optimizer("momentum", 0.1, nesterov=1)
+    with pytest.raises(ValueError, match="use_nesterov must be true or false"):
+        optimizers.make_optimizer("momentum", 0.1, use_nesterov=1)
     with pytest.raises(ValueError, match="beta2"):
         optimizers.make_optimizer("adam", 0.1, beta2=1.0)
     assert optimizers.optimizer_options("adam") == ("beta1", "beta2", "epsilon")
