@@ -147,8 +147,10 @@ def our_grad_values(p: Problem, mode: str) -> Timed:
 
 
 def our_dense_grad(p: Problem, mode: str) -> Timed:
-    return Timed(lambda x, dy: ops._ops.ipu_sparse_matmul_dense_grad(
-        x, dy, True, block_size=p.case.block_size, pooling_type="NONE"), copies(p.x, p.dy), mode)
+    """The gradient Rig-L ranks: dense dL/dW, pooled (SUM) over blocks for block sizes > 1."""
+    pooling = "NONE" if p.case.block_size == 1 else "SUM"
+    return Timed(lambda x, dy: ops.dense_gradient(x, dy, p.case.block_size, pooling),
+                 copies(p.x, p.dy), mode)
 
 
 def dense_forward(p: Problem, mode: str) -> Timed:
@@ -324,7 +326,7 @@ def main(argv: Sequence[str]) -> int:
           f"oneDNN off and on, each in its own process; the oneDNN column says which won "
           f"(mm/gin/dW).\n"
           f"x = best dense time / ours (fwd vs mm, gin vs gin, gval vs dW); dgrad/dW = our "
-          f"dense gradient's time over the best dW; x tf.sp = tf.sparse.sparse_dense_matmul "
+          f"dense gradient's time (pooled SUM for bs > 1) over the best dW; x tf.sp = tf.sparse.sparse_dense_matmul "
           f"time / our fwd; GF = useful GFLOP/s; %pk = share of the FMA peak.")
     children = [DenseChild(onednn, dtype) for onednn in ONEDNN_SETTINGS]
     try:

@@ -71,7 +71,27 @@ def _sparse_matmul_grad(op, grad):
         lhs, grad, metainfo, block_size=block_size)
     grad_anchor = None
     if anchor.shape.num_elements() != 0:
-        grad_anchor = _ops.ipu_sparse_matmul_dense_grad(
-            lhs, grad, compute, block_size=block_size,
-            pooling_type=op.get_attr("pooling_type").decode())
+        grad_anchor = _dense_grad(lhs, grad, compute, block_size,
+                                  op.get_attr("pooling_type").decode(), anchor.shape)
     return grad_lhs, None, grad_values, grad_anchor, None
+
+
+def dense_gradient(lhs, grad_product, block_size=1, pooling_type="NONE") -> tf.Tensor:
+    """lhs^T grad_product [input_size, output_size], or with pooling SUM/AVG/MAX
+    the pool of its |.| over each block [input_blocks, output_blocks].
+
+    The product is TensorFlow's own matmul, in float32 for float16 storage too:
+    the fastest dense x^T dy this process has (oneDNN or Eigen, whichever
+    TensorFlow runs), so Rig-L's ranking costs what a dense layer's gradient does.
+    """
+    dense = tf.matmul(tf.cast(lhs, tf.float32), tf.cast(grad_product, tf.float32), transpose_a=True)
+    if pooling_type != "NONE":
+        dense = _ops.ipu_sparse_matmul_pool_abs(dense, block_size=block_size,
+                                                pooling_type=pooling_type)
+    return tf.cast(dense, lhs.dtype)
+
+
+def _dense_grad(lhs, grad, compute, block_size, pooling_type, shape):
+    """The dense gradient where `compute` is true at run time, else zeros."""
+    return tf.cond(compute, lambda: dense_gradient(lhs, grad, block_size, pooling_type),
+                   lambda: tf.zeros(shape, lhs.dtype))

@@ -1,15 +1,12 @@
 // CPU OpKernels of the dynamic sparse matmul: check every input, convert
 // float16 storage to float32 at the edges, and call the plain C++ kernels on
 // TensorFlow's intra-op thread pool.
-#define EIGEN_USE_THREADS
-
 #include <limits>
 #include <string>
 
 #include "sparse_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "unsupported/Eigen/CXX11/Tensor"
 
 namespace ipu_sparse_ops {
 namespace {
@@ -250,67 +247,33 @@ class SparseMatmulGradValuesOp : public OpKernel {
   int64_t block_size_;
 };
 
-template <typename T>
-class SparseMatmulDenseGradOp : public OpKernel {
+// The dense gradient itself is TensorFlow's own matmul (ops.py): this op only
+// pools it, in one pass, for the block-sparse Rig-L ranking.
+class SparseMatmulPoolAbsOp : public OpKernel {
  public:
-  explicit SparseMatmulDenseGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit SparseMatmulPoolAbsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
     std::string pooling_type;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("pooling_type", &pooling_type));
-    pooling_ = pooling_type == "SUM"   ? Pooling::kSum
+    pooling_ = pooling_type == "SUM" ? Pooling::kSum
                : pooling_type == "AVG" ? Pooling::kAvg
-               : pooling_type == "MAX" ? Pooling::kMax
-                                       : Pooling::kNone;
+                                       : Pooling::kMax;
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& lhs = ctx->input(0);
-    const Tensor& grad = ctx->input(1);
-    const Tensor& compute = ctx->input(2);
-    CheckMatrix(ctx, lhs, "lhs");
-    CheckMatrix(ctx, grad, "grad_product");
+    const Tensor& dense = ctx->input(0);
+    CheckMatrix(ctx, dense, "dense");
     if (!ctx->status().ok()) return;
-    OP_REQUIRES(ctx, compute.dims() == 0, InvalidArgument("compute must be a scalar"));
-    OP_REQUIRES(ctx, lhs.dim_size(0) == grad.dim_size(0),
-                InvalidArgument("lhs and grad_product batch sizes differ"));
-    const int64_t rows = lhs.dim_size(1);
-    const int64_t cols = grad.dim_size(1);
+    const int64_t rows = dense.dim_size(0);
+    const int64_t cols = dense.dim_size(1);
     OP_REQUIRES(ctx, rows % block_size_ == 0 && cols % block_size_ == 0,
-                InvalidArgument("input size ", rows, " and output size ", cols,
-                                " must be multiples of the block size ", block_size_));
-    // Pooling applies for block size 1 too: it then returns |dL/dW|.
-    const bool pooled = pooling_ != Pooling::kNone;
-    const int64_t pool = pooled ? block_size_ : 1;
-    Tensor* output = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {rows / pool, cols / pool}, &output));
-    // An empty batch sums nothing: Eigen's contraction over it writes nothing.
-    if (!compute.scalar<bool>()() || lhs.dim_size(0) == 0) {
-      output->flat<T>().setZero();
-      return;
-    }
-
-    Tensor lhs_scratch, grad_scratch, dense;
-    const float* lhs_data = nullptr;
-    OP_REQUIRES_OK(ctx, FloatData<T>(ctx, lhs, &lhs_scratch, &lhs_data));
-    const float* grad_data = nullptr;
-    OP_REQUIRES_OK(ctx, FloatData<T>(ctx, grad, &grad_scratch, &grad_data));
-    FloatOutput<T> out(ctx, output);
-    if (pooled) OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, {rows, cols}, &dense));
-    if (!ctx->status().ok()) return;
-    float* dense_data = pooled ? dense.flat<float>().data() : out.data();
-
-    using Matrix = Eigen::TensorMap<Eigen::Tensor<const float, 2, Eigen::RowMajor>>;
-    const Matrix x(lhs_data, lhs.dim_size(0), rows);
-    const Matrix dy(grad_data, grad.dim_size(0), cols);
-    Eigen::TensorMap<Eigen::Tensor<float, 2, Eigen::RowMajor>> dw(dense_data, rows, cols);
-    const Eigen::array<Eigen::IndexPair<Eigen::DenseIndex>, 1> batch_dim = {
-        Eigen::IndexPair<Eigen::DenseIndex>(0, 0)};
-    dw.device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) = x.contract(dy, batch_dim);
-    if (pooled) {
-      PoolAbsBlocks(dense_data, rows, cols, block_size_, pooling_, out.data(),
-                    IntraOpParallelFor(ctx));
-    }
-    out.Finish();
+                InvalidArgument("dense gradient shape [", rows, ", ", cols,
+                                "] is not a multiple of the block size ", block_size_));
+    Tensor* pooled = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {rows / block_size_, cols / block_size_}, &pooled));
+    if (pooled->NumElements() == 0) return;
+    PoolAbsBlocks(dense.flat<float>().data(), rows, cols, block_size_, pooling_,
+                  pooled->flat<float>().data(), IntraOpParallelFor(ctx));
   }
 
  private:
@@ -327,15 +290,14 @@ class SparseMatmulDenseGradOp : public OpKernel {
       SparseMatmulGradInputOp<T>);                                                      \
   REGISTER_KERNEL_BUILDER(                                                              \
       Name("IpuSparseMatmulGradValues").Device(DEVICE_CPU).TypeConstraint<T>("T"),      \
-      SparseMatmulGradValuesOp<T>);                                                     \
-  REGISTER_KERNEL_BUILDER(                                                              \
-      Name("IpuSparseMatmulDenseGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"),       \
-      SparseMatmulDenseGradOp<T>);
+      SparseMatmulGradValuesOp<T>);
 
 IPU_REGISTER_KERNELS(float)
 IPU_REGISTER_KERNELS(Eigen::half)
 
 #undef IPU_REGISTER_KERNELS
+
+REGISTER_KERNEL_BUILDER(Name("IpuSparseMatmulPoolAbs").Device(DEVICE_CPU), SparseMatmulPoolAbsOp);
 
 }  // namespace
 }  // namespace ipu_sparse_ops

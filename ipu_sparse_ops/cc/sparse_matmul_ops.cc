@@ -86,29 +86,22 @@ REGISTER_OP("IpuSparseMatmulGradValues")
     })
     .Doc("grad_nz_values[k] = (lhs^T grad_product) on block k; zero past the pattern.");
 
-REGISTER_OP("IpuSparseMatmulDenseGrad")
-    .Input("lhs: T")
-    .Input("grad_product: T")
-    .Input("compute: bool")
-    .Output("dense_grad: T")
-    .Attr("T: {float, half}")
+REGISTER_OP("IpuSparseMatmulPoolAbs")
+    .Input("dense: float")
+    .Output("pooled: float")
     .Attr("block_size: int >= 1")
-    .Attr("pooling_type: {'NONE', 'SUM', 'AVG', 'MAX'}")
+    .Attr("pooling_type: {'SUM', 'AVG', 'MAX'}")
     .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle lhs, grad;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &lhs));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &grad));
-      std::string pooling_type;
-      TF_RETURN_IF_ERROR(c->GetAttr("pooling_type", &pooling_type));
+      ShapeHandle dense;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &dense));
       int64_t block_size;
       TF_RETURN_IF_ERROR(c->GetAttr("block_size", &block_size));
-      if (pooling_type == "NONE") block_size = 1;
       DimensionHandle rows, cols;
-      TF_RETURN_IF_ERROR(c->Divide(c->Dim(lhs, 1), block_size, true, &rows));
-      TF_RETURN_IF_ERROR(c->Divide(c->Dim(grad, 1), block_size, true, &cols));
+      TF_RETURN_IF_ERROR(c->Divide(c->Dim(dense, 0), block_size, true, &rows));
+      TF_RETURN_IF_ERROR(c->Divide(c->Dim(dense, 1), block_size, true, &cols));
       c->set_output(0, c->Matrix(rows, cols));
       return Status();
     })
-    .Doc("lhs^T grad_product, pooled over blocks unless NONE; zeros unless compute.");
+    .Doc("The pool of |dense| over each block_size^2 block: the pooled dense gradient.");
 
 }  // namespace ipu_sparse_ops

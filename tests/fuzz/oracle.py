@@ -163,6 +163,16 @@ def reference_dense_grad(lhs, grad, compute, block_size, pooling_type):
     return value, bound
 
 
+def reference_pool_abs(dense, block_size, pooling_type):
+    """The pool of |dense| over each block; the sum's float32 rounding bounds it."""
+    a = np.abs(_f64(dense))
+    if a.size == 0 or block_size > max(a.shape):
+        shape = (a.shape[0] // block_size, a.shape[1] // block_size)
+        return np.zeros(shape), np.zeros(shape)
+    value = pool_blocks(a, block_size, pooling_type)
+    return value, 1e-30 + (2 * block_size * block_size + 4) * U32 * pool_blocks(a, block_size, "SUM")
+
+
 def assert_close(name, actual, expected, bound):
     """|actual - expected| <= bound; NaN must match NaN and an infinity the same infinity."""
     actual = np.asarray(actual).astype(np.float64)
