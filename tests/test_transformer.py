@@ -19,7 +19,7 @@ from ipu_sparse_ops.layers import SparseFcLayer
 from ipu_sparse_ops.sparse import MatmulSpec, Triplets
 from ipu_sparse_ops.tools import transformer_numerics
 from ipu_sparse_ops.transformer import (
-    EncoderLayer, GroupNorm, SequenceClassifier, SparsityConfig, TokenLinear,
+    EncoderLayer, GroupNorm, SelfAttention, SequenceClassifier, SparsityConfig, TokenLinear,
     sinusoidal_position_encoding)
 from mnist_rigl.mnist_data import load_mnist
 
@@ -52,33 +52,33 @@ def np_gelu(x):
     return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
 
 
-def np_encoder(layer: EncoderLayer, x):
-    att = layer.attention
-    b, t, _ = x.shape
-    h = np_norm(layer.attention_norm, x)
-
-    def heads(lin):
-        return np_linear(lin, h).reshape(b, t, att.heads, att.qkv_length).transpose(0, 2, 1, 3)
-
-    q, k, v = heads(att.q), heads(att.k), heads(att.v)
+def np_attention(att: SelfAttention, h):
+    b, t, _ = h.shape
+    if att.concat_qkv:
+        qkv = np.split(np_linear(att.qkv, h), 3, axis=-1)
+    else:
+        qkv = [np_linear(lin, h) for lin in (att.q, att.k, att.v)]
+    q, k, v = (part.reshape(b, t, att.heads, att.qkv_length).transpose(0, 2, 1, 3)
+               for part in qkv)
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(att.qkv_length)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     context = (weights @ v).transpose(0, 2, 1, 3).reshape(b, t, -1)
-    x = x + np_linear(att.out, context)
+    return np_linear(att.out, context)
+
+
+def np_encoder(layer: EncoderLayer, x):
+    x = x + np_attention(layer.attention, np_norm(layer.attention_norm, x))
     f = layer.ffn
     return x + np_linear(f.fc2, np_gelu(np_linear(f.fc1, np_norm(layer.ffn_norm, x))))
 
 
 def np_classifier(model: SequenceClassifier, x):
     emb = model.embedding
-    h = np_linear(emb.projection, x) + sinusoidal_position_encoding(x.shape[1], h_width(model))
+    code = sinusoidal_position_encoding(x.shape[1], x.shape[2]).astype(np.float64)
+    h = np_linear(emb.projection, x + np_norm(emb.position_norm, code))
     h = np_encoder(model.encoder0, h)
     return np_linear(model.head.projection, h).sum(axis=1)
-
-
-def h_width(model):
-    return model.embedding.projection.out_features
 
 
 def small_config(**kwargs):
@@ -107,13 +107,19 @@ def test_group_norm_is_a_per_token_layer_norm_with_gamma_point_one():
                                rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("block_size, data_type", [(1, "fp32"), (8, "fp32"), (4, "fp16")])
-def test_classifier_matches_numpy(block_size, data_type):
+@pytest.mark.parametrize("block_size, data_type, concat_qkv, attention_bias", [
+    (1, "fp32", True, False), (1, "fp32", False, True), (8, "fp32", True, True),
+    (4, "fp16", False, False)])
+def test_classifier_matches_numpy(block_size, data_type, concat_qkv, attention_bias):
     # Block 8 pads 28 inputs to 32 and 10 outputs to 16; block 4 pads the output to 12.
     config = small_config(block_size=block_size, data_type=data_type,
                           pooling_type="NONE" if block_size == 1 else "SUM")
     model = SequenceClassifier(in_features=28, max_tokens=28, classes=10, hidden=32, heads=4,
-                               qkv_length=8, ff=16, config=config, seed=3)
+                               qkv_length=8, ff=16, config=config, seed=3,
+                               concat_qkv=concat_qkv, attention_bias=attention_bias)
+    # Move the trainable position norm off its initial value, so the test sees it used.
+    beta = model.embedding.position_norm.beta
+    beta.assign(np.linspace(-0.2, 0.3, 28).astype(beta.dtype.as_numpy_dtype))
     x = np.random.default_rng(1).random((3, 28, 28))
     logits = model(x.astype(config.tf_dtype.as_numpy_dtype)).numpy()
     expected = np_classifier(model, x)
@@ -129,14 +135,17 @@ def test_model_layout_and_sparse_layers():
     shapes = {name: (fc.spec.input_size, fc.spec.output_size)
               for name, fc in model.named_sparse_layers().items()}
     assert shapes == {
-        "embedding/projection": (28, 96), "encoder0/attention/q": (96, 512),
-        "encoder0/attention/k": (96, 512), "encoder0/attention/v": (96, 512),
+        "embedding/projection": (28, 96), "encoder0/attention/qkv": (96, 1536),
         "encoder0/attention/out": (512, 96), "encoder0/ffn/fc1": (96, 48),
         "encoder0/ffn/fc2": (48, 96), "head/projection": (96, 10)}
     for fc in model.named_sparse_layers().values():
         assert fc.nnz == round(0.1 * fc.spec.input_size * fc.spec.output_size)
+    # As the original: biases on the embedding and feed-forward projections only.
     biases = {name: lin.fc.bias is not None for name, lin in model.named_linears().items()}
-    assert not biases.pop("head/projection") and all(biases.values())
+    assert biases == {"embedding/projection": True, "encoder0/attention/qkv": False,
+                      "encoder0/attention/out": False, "encoder0/ffn/fc1": True,
+                      "encoder0/ffn/fc2": True, "head/projection": False}
+    assert not any("attention" in key and key.endswith("/bias") for key in model.state())
     assert model.padded_real_elements() == {}
     # Same seed, same weights; another seed, another pattern.
     again = SequenceClassifier(in_features=28, max_tokens=28, classes=10, hidden=96, heads=16,
@@ -145,8 +154,36 @@ def test_model_layout_and_sparse_layers():
         np.testing.assert_array_equal(a, b)
     other = SequenceClassifier(in_features=28, max_tokens=28, classes=10, hidden=96, heads=16,
                                qkv_length=32, ff=48, config=config, seed=1)
-    assert not np.array_equal(model.state()["encoder0/attention/q/metainfo"],
-                              other.state()["encoder0/attention/q/metainfo"])
+    assert not np.array_equal(model.state()["encoder0/attention/qkv/metainfo"],
+                              other.state()["encoder0/attention/qkv/metainfo"])
+
+
+@pytest.mark.parametrize("block_size", [1, 8])
+def test_concatenated_qkv_is_the_three_projections_side_by_side(block_size):
+    config = SparsityConfig(sparsity=0.75, block_size=block_size,  # thirds hold exactly 1/3
+                            pooling_type="NONE" if block_size == 1 else "SUM")
+    split = SelfAttention(32, 4, 8, config, seed=1, concat_qkv=False, bias=True)
+    joint = SelfAttention(32, 4, 8, config, seed=2, concat_qkv=True, bias=True)
+    rng = np.random.default_rng(0)
+    for lin in (split.q, split.k, split.v, split.out):  # biases that are not zero
+        lin.fc.bias.assign(rng.standard_normal(lin.fc.bias.shape).astype(np.float32))
+    # Give the joint layer the split layer's weights: q, k, v as its column thirds.
+    parts = [lin.fc.get_triplets() for lin in (split.q, split.k, split.v)]
+    width = 32 // block_size
+    joint.qkv.fc.push_triplets(Triplets(
+        np.concatenate([p.row_indices for p in parts]),
+        np.concatenate([p.col_indices + i * width for i, p in enumerate(parts)]),
+        np.concatenate([p.values for p in parts])))
+    joint.qkv.fc.bias.assign(np.concatenate([lin.fc.bias.numpy()
+                                             for lin in (split.q, split.k, split.v)]))
+    joint.out.fc.push_triplets(split.out.fc.get_triplets())
+    joint.out.fc.bias.assign(split.out.fc.bias.numpy())
+    x = rng.standard_normal((2, 7, 32))
+    expected = np_attention(split, x)
+    np.testing.assert_allclose(np_attention(joint, x), expected, rtol=1e-12, atol=1e-12)
+    for layer in (split, joint):
+        np.testing.assert_allclose(layer(x.astype(np.float32)).numpy(), expected,
+                                   rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 def test_padding_is_zero_and_gets_no_gradient():

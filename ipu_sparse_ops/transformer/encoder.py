@@ -8,10 +8,11 @@ Attention scores, softmax and context stay dense.
 
 Pieces (each a Keras layer, all built eagerly):
 
-- `TokenEmbedding`: sparse projection in -> hidden with bias, plus a fixed
-  sinusoidal position encoding.
-- `SelfAttention`: sparse q, k, v (heads * qkv_length each) and output
-  projections, all with bias; dense scaled dot-product attention between them.
+- `TokenEmbedding`: a fixed sinusoidal position code, group-normed, added to
+  the input features, then a sparse projection in -> hidden with bias.
+- `SelfAttention`: sparse q, k, v (heads * qkv_length each, by default one
+  concatenated matmul) and output projections, without biases by default;
+  dense scaled dot-product attention between them.
 - `FeedForward`: sparse hidden -> ff (bias), GELU, dropout, sparse ff -> hidden (bias).
 - `GroupNorm`: layer norm as a group norm with one group over each token's
   features, gamma initialised to 0.1 (so new branches start small), beta to 0.
@@ -323,43 +324,62 @@ class GroupNorm(keras.layers.Layer):
 
 
 class TokenEmbedding(_Block):
-    """[batch, tokens, in] -> [batch, tokens, hidden]: sparse projection, bias, position code."""
+    """[batch, tokens, in] -> [batch, tokens, hidden]: x + norm(position code), dropout,
+    then a sparse projection with bias.
+
+    As in Graphcore's original, the position code has the input's width and
+    goes through a trainable group norm (`position_norm`, gamma 0.1) so that it
+    starts small beside pixels in [0, 1].
+    """
 
     def __init__(self, in_features: int, hidden: int, max_tokens: int, config: SparsityConfig,
                  *, seed, keep_prob: float = 1.0, name: str | None = "embedding"):
         super().__init__(config, name)
         self.keep_prob = keep_prob
+        self.position_code = tf.constant(sinusoidal_position_encoding(max_tokens, in_features),
+                                         dtype=config.tf_dtype)
+        self._add_part("position_norm", GroupNorm(in_features, config))
         self._add_part("projection", TokenLinear(in_features, hidden, config, use_bias=True,
                                                  seed=child_seed(seed, "projection")))
-        self.position_code = tf.constant(sinusoidal_position_encoding(max_tokens, hidden),
-                                         dtype=config.tf_dtype)
 
     def call(self, x, compute_dense_grad=False, dropout_seed=None):
-        y = self.projection(x, compute_dense_grad=compute_dense_grad)
-        y = y + self.position_code[:tf.shape(y)[1]]
-        return dropout(y, self.keep_prob, fold_seed(dropout_seed, "embedding"))
+        x = tf.convert_to_tensor(x, self.compute_dtype)
+        x = x + self.position_norm(self.position_code[:tf.shape(x)[1]])
+        x = dropout(x, self.keep_prob, fold_seed(dropout_seed, "embedding"))
+        return self.projection(x, compute_dense_grad=compute_dense_grad)
 
 
 class SelfAttention(_Block):
-    """Multi-head self-attention with sparse q, k, v and output projections (all with bias).
+    """Multi-head self-attention with sparse q, k, v and output projections.
 
     q, k, v: hidden -> heads * qkv_length; scores q k^T / sqrt(qkv_length),
     softmax over the keys, context = scores v (all dense, per head), then the
     output projection heads * qkv_length -> hidden.
+
+    With `concat_qkv` (the original's default) q, k and v are the three thirds
+    of one sparse projection hidden -> 3 * heads * qkv_length ("qkv"): one op
+    call instead of three, and Rig-L moves connections between them. `bias`
+    gives all four projections a bias (the original had none by default).
     """
 
     def __init__(self, hidden: int, heads: int, qkv_length: int, config: SparsityConfig, *,
-                 seed, name: str | None = "attention"):
+                 seed, concat_qkv: bool = True, bias: bool = False,
+                 name: str | None = "attention"):
         super().__init__(config, name)
         if heads < 1 or qkv_length < 1:
             raise ValueError(f"heads and qkv_length must be positive, got {heads}, {qkv_length}")
         self.heads = heads
         self.qkv_length = qkv_length
+        self.concat_qkv = concat_qkv
         width = heads * qkv_length
-        for part in ("q", "k", "v"):
-            self._add_part(part, TokenLinear(hidden, width, config, use_bias=True,
-                                             seed=child_seed(seed, part)))
-        self._add_part("out", TokenLinear(width, hidden, config, use_bias=True,
+        if concat_qkv:
+            self._add_part("qkv", TokenLinear(hidden, 3 * width, config, use_bias=bias,
+                                              seed=child_seed(seed, "qkv")))
+        else:
+            for part in ("q", "k", "v"):
+                self._add_part(part, TokenLinear(hidden, width, config, use_bias=bias,
+                                                 seed=child_seed(seed, part)))
+        self._add_part("out", TokenLinear(width, hidden, config, use_bias=bias,
                                           seed=child_seed(seed, "out")))
 
     def _split_heads(self, x):
@@ -368,8 +388,12 @@ class SelfAttention(_Block):
         return tf.transpose(x, [0, 2, 1, 3])  # [batch, heads, tokens, qkv_length]
 
     def call(self, x, compute_dense_grad=False):
-        q, k, v = (self._split_heads(self._parts[name](x, compute_dense_grad=compute_dense_grad))
-                   for name in ("q", "k", "v"))
+        if self.concat_qkv:
+            qkv = tf.split(self.qkv(x, compute_dense_grad=compute_dense_grad), 3, axis=-1)
+        else:
+            qkv = [self._parts[name](x, compute_dense_grad=compute_dense_grad)
+                   for name in ("q", "k", "v")]
+        q, k, v = (self._split_heads(part) for part in qkv)
         scores = tf.matmul(q, k, transpose_b=True)
         scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.qkv_length))
         weights = tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype)
@@ -402,12 +426,14 @@ class EncoderLayer(_Block):
 
     def __init__(self, hidden: int, heads: int, qkv_length: int, ff: int,
                  config: SparsityConfig, *, seed, keep_prob: float = 1.0,
+                 concat_qkv: bool = True, attention_bias: bool = False,
                  name: str | None = "encoder"):
         super().__init__(config, name)
         self.keep_prob = keep_prob
         self._add_part("attention_norm", GroupNorm(hidden, config))
         self._add_part("attention", SelfAttention(hidden, heads, qkv_length, config,
-                                                  seed=child_seed(seed, "attention")))
+                                                  seed=child_seed(seed, "attention"),
+                                                  concat_qkv=concat_qkv, bias=attention_bias))
         self._add_part("ffn_norm", GroupNorm(hidden, config))
         self._add_part("ffn", FeedForward(hidden, ff, config, seed=child_seed(seed, "ffn"),
                                           keep_prob=keep_prob))
@@ -444,12 +470,14 @@ class TokenSumOutput(_Block):
 class SequenceClassifier(_Block):
     """Embedding, `num_layers` encoder layers and a token-summed output: logits [batch, classes].
 
-    On MNIST each image is 28 tokens (its rows) of 28 pixels.
+    On MNIST each image is 28 tokens (its rows) of 28 pixels. `concat_qkv` and
+    `attention_bias` are passed to every `SelfAttention`.
     """
 
     def __init__(self, *, in_features: int, max_tokens: int, classes: int, hidden: int,
                  heads: int, qkv_length: int, ff: int, config: SparsityConfig, seed,
-                 keep_prob: float = 1.0, num_layers: int = 1, name: str | None = "transformer"):
+                 keep_prob: float = 1.0, num_layers: int = 1, concat_qkv: bool = True,
+                 attention_bias: bool = False, name: str | None = "transformer"):
         super().__init__(config, name)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -460,7 +488,8 @@ class SequenceClassifier(_Block):
         for i in range(num_layers):
             self._add_part(f"encoder{i}", EncoderLayer(
                 hidden, heads, qkv_length, ff, config, seed=child_seed(seed, f"encoder{i}"),
-                keep_prob=keep_prob, name=f"encoder{i}"))
+                keep_prob=keep_prob, concat_qkv=concat_qkv, attention_bias=attention_bias,
+                name=f"encoder{i}"))
         self._add_part("head", TokenSumOutput(hidden, classes, config,
                                               seed=child_seed(seed, "head"),
                                               init_scale=1.0 / max_tokens))
