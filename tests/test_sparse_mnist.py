@@ -1,8 +1,10 @@
 """Tests for mnist_rigl/sparse_mnist.py: accuracy, determinism, kill and resume,
 records, and one clear line for every bad input."""
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image
 
 from mnist_rigl import experiment, result_plotter, sparse_mnist, visualise_connectivity
+from ipu_sparse_ops.tf_startup import tf
 from mnist_rigl.mnist_data import load_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +31,12 @@ def mnist():
     return load_mnist()
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """Runs in a temp dir, so the default --checkpoint-path checkpoints lands there."""
+    monkeypatch.chdir(tmp_path)
+
+
 def train(argv, data):
     """Run the training in this process; returns the results dict."""
     return sparse_mnist.train(sparse_mnist.parse_args(argv), data)
@@ -36,6 +45,12 @@ def train(argv, data):
 def read_npz(path):
     with np.load(path, allow_pickle=False) as f:
         return {key: f[key] for key in f.files}
+
+
+def run_folder(checkpoint_path):
+    """The one run folder a test's --checkpoint-path holds."""
+    (folder,) = [p.parent for p in Path(checkpoint_path).glob("*/checkpoint.json")]
+    return folder
 
 
 def final_checkpoint(folder):
@@ -62,19 +77,38 @@ def script_env():
 
 # ---- schedule ---------------------------------------------------------------------------
 
-def test_learning_rate_schedule_by_progress():
-    plan = sparse_mnist.SegmentPlan(batches_per_epoch=100, steps_per_epoch=5, epochs=10)
-    rates = sparse_mnist.learning_rates("Momentum", 16)
-    assert rates == (0.02, 0.01, 0.005, 0.001, 0.0001)
-    got = [sparse_mnist.learning_rate_at(s, plan, rates) for s in (0, 199, 200, 399, 400, 999)]
-    assert got == [0.02, 0.02, 0.01, 0.01, 0.005, 0.0001]
-    assert sparse_mnist.learning_rates("momentum", 32)[0] == pytest.approx(0.04)
-    assert sparse_mnist.learning_rates("Adam", 8) == (0.001,) * 5
+def test_learning_rate_schedule_by_epoch_as_the_original():
+    # 0.02 / 0.01 / 0.005 / 0.001 / 0.0001 as epoch / epochs passes 0.2, 0.4, 0.6, 0.8.
+    rates = [sparse_mnist.learning_rate("Momentum", 16, e, 10) for e in range(10)]
+    assert rates == [0.02, 0.02, 0.01, 0.01, 0.005, 0.005, 0.001, 0.001, 0.0001, 0.0001]
+    assert [sparse_mnist.learning_rate("GradientDescent", 16, e, 3) for e in range(3)] == [
+        0.02, 0.01, 0.001]  # progress 0, 1/3, 2/3
+    assert sparse_mnist.learning_rate("Momentum", 32, 0, 10) == 0.01  # scaled by 16 / 32
+    assert sparse_mnist.learning_rate("Adam", 8, 9, 10) == 0.004  # 0.002 * 16 / 8, constant
     # Segments tile each epoch exactly even when the counts do not divide.
     odd = sparse_mnist.SegmentPlan(batches_per_epoch=10, steps_per_epoch=3, epochs=2)
     segments = [odd.segment(i) for i in range(odd.total_segments)]
     assert segments == [(0, 0, 3), (0, 3, 3), (0, 6, 4), (1, 0, 3), (1, 3, 3), (1, 6, 4)]
-    assert odd.num_updates == 5
+    assert [sparse_mnist.segment_steps(odd, i, None) for i in (0, 3, 5)] == [(0, 3), (10, 3),
+                                                                            (16, 4)]
+    assert [sparse_mnist.segment_steps(odd, i, 7) for i in (0, 3, 5)] == [(0, 7), (21, 7),
+                                                                         (35, 7)]
+
+
+def test_batch_order_draws_one_permutation_per_pass():
+    """Step g trains on batch g % B of pass g // B; windows may span passes."""
+    order = sparse_mnist.BatchOrder(n_train=10, batch_size=3, batches_per_pass=3,
+                                    rng=np.random.default_rng(4))
+    reference = np.random.default_rng(4)
+    passes = [reference.permutation(10)[:9] for _ in range(3)]
+    stream = np.concatenate(passes)  # what steps 0, 1, 2, ... see, 3 images each
+    for first, count in ((0, 2), (2, 3), (5, 4)):
+        window, batch = order.window(first, count)
+        got = [window[(batch + i) * 3:(batch + i + 1) * 3] for i in range(count)]
+        want = [stream[(first + i) * 3:(first + i + 1) * 3] for i in range(count)]
+        np.testing.assert_array_equal(got, want)
+    assert order.state(9) == {}
+    assert sorted(order.state(8)) == ["perm/2"]
 
 
 def test_pixel_standardisation_matches_the_training_set(mnist):
@@ -96,20 +130,20 @@ def test_weight_decay_shrinks_connections_that_get_no_gradient(weight_decay):
     labels = rng.integers(0, 10, 64).astype(np.uint8)
     model = sparse_mnist.Model(args, seed=5)
     model.fc1.bias.assign(np.r_[-1e3, np.zeros(15)].astype(np.float32))  # unit 0 never fires
-    plan = sparse_mnist.SegmentPlan(batches_per_epoch=8, steps_per_epoch=1, epochs=10)
-    rates = sparse_mnist.learning_rates("GradientDescent", 8)
-    optimizer = optimizers.make_optimizer("GradientDescent", rates[0])
+    lr = 0.04
+    optimizer = optimizers.make_optimizer("GradientDescent", 0.0)
     optimizer.build(model.trainable_variables())
     before = model.fc1.get_triplets()
-    segment = sparse_mnist.make_train_segment(model, optimizer, plan, 8, images, labels, rates,
-                                              dense_grads=False, weight_decay=weight_decay)
-    steps = 8  # within the first learning-rate stage (the first 16 steps)
+    segment = sparse_mnist.make_train_segment(model, optimizer, 8, images, labels,
+                                              tf.Variable(lr), dense_grads=False,
+                                              weight_decay=weight_decay)
+    steps = 8
     done, *_ = segment(np.arange(64, dtype=np.int32), 0, steps, 0, False)
     assert int(done) == steps
     after = model.fc1.get_triplets()
     idle = before.col_indices == 0
     assert 0 < idle.sum() < len(idle)
-    expected = before.values[idle].astype(np.float64) * (1 - rates[0] * weight_decay) ** steps
+    expected = before.values[idle].astype(np.float64) * (1 - lr * weight_decay) ** steps
     np.testing.assert_allclose(after.values[idle], expected, rtol=1e-6)
     assert not np.allclose(after.values[~idle], before.values[~idle])  # the rest trained
     assert model.fc1.bias.numpy()[0] == -1e3
@@ -121,16 +155,14 @@ def test_each_trace_of_the_training_loop_computes_the_same_thing(mnist):
     from ipu_sparse_ops import optimizers
 
     x_train, y_train = mnist[0], mnist[1]
-    plan = sparse_mnist.SegmentPlan(batches_per_epoch=3750, steps_per_epoch=1, epochs=1)
-    rates = sparse_mnist.learning_rates("Momentum", 16)
     finals = []
     for _ in range(3):
         args = sparse_mnist.parse_args(["--densities", "0.1", "0.3", "--seed", "1"])
         model = sparse_mnist.Model(args, 1)
-        optimizer = optimizers.make_optimizer("Momentum", rates[0])
+        optimizer = optimizers.make_optimizer("Momentum", 0.0, momentum=0.9)
         optimizer.build(model.trainable_variables())
-        segment = sparse_mnist.make_train_segment(model, optimizer, plan, 16, x_train, y_train,
-                                                  rates, dense_grads=False,
+        segment = sparse_mnist.make_train_segment(model, optimizer, 16, x_train, y_train,
+                                                  tf.Variable(0.02), dense_grads=False,
                                                   weight_decay=args.weight_decay)
         segment(np.random.default_rng(0).permutation(60000).astype(np.int32), 0, 50, 0, False)
         finals.append([v.numpy() for v in model.trainable_variables()]
@@ -158,7 +190,7 @@ def test_same_seed_same_result_and_records(mnist, tmp_path):
                 "--checkpoint-path", str(folder / "ckpt"), "--block-size", "4"]
         runs[name] = train(argv, mnist)
         runs[name]["records"] = records(folder / "records")
-        runs[name]["final"] = final_checkpoint(folder / "ckpt")[1]
+        runs[name]["final"] = final_checkpoint(runs[name]["run_folder"])[1]
     a, b, c = runs["a"], runs["b"], runs["c"]
     assert (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
     assert_same_arrays(a["final"], b["final"])
@@ -168,10 +200,13 @@ def test_same_seed_same_result_and_records(mnist, tmp_path):
     assert a["test_loss"] != c["test_loss"]
     assert not np.array_equal(a["final"]["fc1/metainfo"], c["final"]["fc1/metainfo"])
 
-    # Records: before training and after each of the 3 updates, named by update count.
-    assert sorted(a["records"]) == [f"weights_fc1_{s:06d}.npz" for s in (0, 1, 2, 3)]
+    # Records: before training and after each of the T = 4 updates, named by update count,
+    # the pattern (.npz) and, as the original, the dense weight (.npy).
+    assert sorted(a["records"]) == [f"weights_fc1_{s:06d}.npz" for s in range(5)]
+    dense = sorted(p.name for p in (tmp_path / "a" / "records").glob("weights_fc1_*.npy"))
+    assert dense == [f"weights_fc1_{s:06d}.npy" for s in range(5)]
     loaded = visualise_connectivity.load_records(tmp_path / "a" / "records")
-    assert [step for step, _ in loaded] == [0, 1, 2, 3]
+    assert [step for step, _ in loaded] == [0, 1, 2, 3, 4]
     counts = {len(record.row_indices) for _, record in loaded}
     assert counts == {round(0.1 * 196 * 80)}  # 4x4 blocks: nnz constant
     assert all(record.block_size == 4 for _, record in loaded)
@@ -186,8 +221,7 @@ def test_same_seed_same_result_and_records(mnist, tmp_path):
 def test_static_sparsity_never_changes_the_pattern(mnist, tmp_path):
     argv = [*SMALL, "--disable-pruning", "--checkpoint-path", str(tmp_path)]
     initial = sparse_mnist.Model(sparse_mnist.parse_args(argv), 3).fc1.get_triplets()
-    train(argv, mnist)
-    final = final_checkpoint(tmp_path)[1]
+    final = final_checkpoint(train(argv, mnist)["run_folder"])[1]
     model = sparse_mnist.Model(sparse_mnist.parse_args(argv), 3)
     model.fc1.load_state({k[4:]: v for k, v in final.items() if k.startswith("fc1/")})
     after = model.fc1.get_triplets()
@@ -205,10 +239,11 @@ def test_variants_move_the_pattern_and_keep_its_size(mnist, tmp_path, extra):
     results = train([*SMALL, *extra, "--records-path", str(tmp_path)], mnist)
     assert np.isfinite(results["test_loss"]) and results["traces"] == 1
     loaded = visualise_connectivity.load_records(tmp_path)
-    assert len(loaded) == 4
+    assert len(loaded) == 5
     assert len({len(record.row_indices) for _, record in loaded}) == 1
     patterns = [set(zip(r.row_indices, r.col_indices)) for _, r in loaded]
-    assert all(a != b for a, b in zip(patterns, patterns[1:]))
+    assert all(a != b for a, b in zip(patterns[:-1], patterns[1:-1]))
+    assert patterns[-1] == patterns[-2]  # the T-th update moves nothing
     if "fp16" in extra:
         assert loaded[-1][1].values.dtype == np.float16 and loaded[-1][1].block_size == 8
 
@@ -222,11 +257,11 @@ def kill_at_random(args, delay_range, rng, after=None):
     """Start the script and SIGKILL it at a random moment; True if it was killed.
 
     The delay is drawn from delay_range and counted from the process start,
-    or, if `after` is a path, from the moment that file appears.
+    or, if `after` is a glob pattern of paths, from the moment one appears.
     """
     proc = run_script(args)
     if after is not None:
-        while not after.exists() and proc.poll() is None:
+        while not glob.glob(str(after)) and proc.poll() is None:
             time.sleep(0.005)
     delay = rng.uniform(*delay_range)
     try:
@@ -242,13 +277,13 @@ KILL_RUN = ["--densities", "0.1", "0.3", "--epochs", "2", "--steps-per-epoch", "
             "--log-level", "WARNING"]
 
 
-def test_kill_and_restore_matches_uninterrupted_run(mnist, tmp_path):
+def test_kill_and_resume_latest_matches_uninterrupted_run(mnist, tmp_path):
     reference = tmp_path / "reference"
     expected = train([*KILL_RUN, "--checkpoint-path", str(reference / "ckpt"),
                       "--records-path", str(reference / "records")], mnist)
 
     rng = np.random.default_rng()
-    # Between the first checkpoint (after 1 of 16 Rig-L steps) and the end of training,
+    # Between the first checkpoint (after epoch 1, 8 of 16 Rig-L steps) and the end of training,
     # updates, records and checkpoint writes included. On a busy machine the run may
     # finish first: then try again, aiming earlier.
     window = 0.8 * expected["train_seconds"]
@@ -257,34 +292,34 @@ def test_kill_and_restore_matches_uninterrupted_run(mnist, tmp_path):
         args = [*KILL_RUN, "--checkpoint-path", str(resumed / "ckpt"),
                 "--records-path", str(resumed / "records")]
         killed, delay = kill_at_random(args, (0.0, window), rng,
-                                       after=resumed / "ckpt" / "checkpoint.json")
+                                       after=resumed / "ckpt" / "*" / "checkpoint.json")
         if killed:
             break
         window /= 3
     assert killed, "every run ended before it could be killed"
-    restored = run_script([*args, "--restore", "--log-level", "INFO"])
+    restored = run_script([*args, "--resume-latest", "--log-level", "INFO"])
     out, err = restored.communicate(timeout=300)
     assert restored.returncode == 0, err
-    assert f"restored {resumed / 'ckpt'} after" in out
+    assert f"restored {run_folder(resumed / 'ckpt')}; resuming at Rig-L step" in out
     assert (f"Test loss: {expected['test_loss']:.3f} Test accuracy: "
             f"{expected['test_accuracy']:.4f}") in out
-    meta, arrays = final_checkpoint(resumed / "ckpt")
-    ref_meta, ref_arrays = final_checkpoint(reference / "ckpt")
+    meta, arrays = final_checkpoint(run_folder(resumed / "ckpt"))
+    ref_meta, ref_arrays = final_checkpoint(expected["run_folder"])
     assert_same_arrays(arrays, ref_arrays)
     assert meta["rng_state"] == ref_meta["rng_state"] and meta["step"] == ref_meta["step"]
     got, want = records(resumed / "records"), records(reference / "records")
     assert sorted(got) == sorted(want), f"killed {delay:.2f} s after the first checkpoint"
     for name in want:
         assert_same_arrays(got[name], want[name])
-    assert not list((resumed / "ckpt").glob(".partial-*"))
-    assert len(list((resumed / "ckpt").glob("checkpoint-*.npz"))) == 1
+    assert not list((resumed / "ckpt").glob("**/.partial-*"))
+    assert len(list(run_folder(resumed / "ckpt").glob("checkpoint-*.npz"))) == 1
 
 
 @pytest.mark.slow
 def test_repeated_kills_at_any_moment_then_restore(mnist, tmp_path):
     """Several kills in a row, at moments spread over start-up, training and writes."""
     reference = train([*KILL_RUN, "--checkpoint-path", str(tmp_path / "reference")], mnist)
-    args = [*KILL_RUN, "--checkpoint-path", str(tmp_path / "ckpt"), "--restore"]
+    args = [*KILL_RUN, "--checkpoint-path", str(tmp_path / "ckpt"), "--resume-latest"]
     rng = np.random.default_rng()
     kills = 0
     for _ in range(6):
@@ -295,8 +330,8 @@ def test_repeated_kills_at_any_moment_then_restore(mnist, tmp_path):
     assert proc.returncode == 0, err
     assert kills >= 1
     assert f"Test accuracy: {reference['test_accuracy']:.4f}" in out
-    assert_same_arrays(final_checkpoint(tmp_path / "ckpt")[1],
-                       final_checkpoint(tmp_path / "reference")[1])
+    latest = sparse_mnist.latest_run_folder(tmp_path / "ckpt")
+    assert_same_arrays(final_checkpoint(latest)[1], final_checkpoint(reference["run_folder"])[1])
 
 
 # ---- failures ---------------------------------------------------------------------------
@@ -324,17 +359,39 @@ def bad_input_cases(tmp_path):
         (["--densities", "0", "1"], "fc1 density must be in (0, 1]"),
         (["--densities", "0.1", "1.5"], "fc2 density must be in (0, 1]"),
         (["--densities", "0.1"], "--densities"),
-        (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
+        (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
         (["--block-size", "16", "--hidden-size", "100"], "--block-size 16 does not divide"),
         (["--block-size", "3"], "invalid choice"),
         (["--optimizer-arg", "momentum=0.9.1"], "not valid JSON"),
         (["--optimizer-arg", "momentum"], "name=<json>"),
         (["--optimizer-arg", "learning_rate=1"], "schedule"),
+        (["--optimizer-arg", "use_nesterov=1"], "use_nesterov must be true or false"),
         (["--optimizer", "adam", "--optimizer-arg", "momentum=0.9"],
          "Adam has no option 'momentum'"),
         (["--records-path", str(a_file / "records")], "--records-path"),
         (["--checkpoint-path", str(a_file / "ckpt")], "--checkpoint-path"),
-        (["--restore"], "--restore needs --checkpoint-path"),
+        (["--restore"], "expected one argument"),
+        (["--restore", "run1"], "--restore needs --start-epoch"),
+        (["--restore", "nosuch", "--start-epoch", "1", "--checkpoint-path", str(empty)],
+         "no checkpoint named 'nosuch' in"),
+        (["--start-epoch", "1"], "--start-epoch needs --restore"),
+        (["--restore", "run1", "--start-epoch", "-1"], "--start-epoch must be in [0, --epochs 1]"),
+        (["--restore", "run1", "--start-epoch", "1", "--resume-latest"], "exclude each other"),
+        (["--cosine-prune-schedule", "{bad"], "not valid JSON"),
+        (["--cosine-prune-schedule", "[1]"], "must be a JSON object"),
+        (["--cosine-prune-schedule", '{"zero_step": 1}'], "unknown key 'zero_step'"),
+        (["--cosine-prune-schedule", '{"zero_steps": 1.5}'], "zero_steps must be a whole number"),
+        (["--cosine-prune-schedule", '{"period": "half"}'], "period must be a number"),
+        (["--cosine-prune-schedule", '{"zero_steps": 5}', "--steps-per-epoch", "5"],
+         "leaves none of the 5 Rig-L updates"),
+        (["--permute-input", "diagonal"], "invalid choice"),
+        (["--gradient-accumulation-count", "0"], "--gradient-accumulation-count must be >= 1"),
+        (["--gradient-accumulation-count", "3"], "does not divide --batch-size 16"),
+        (["--gradient-accumulation-count", "two"], "invalid int value"),
+        (["--disable-dense-grad-override"], "leaves Rig-L regrowth no gradient"),
+        (["--use-wandb"], "--use-wandb needs --wandb-project-name"),
+        (["--wandb-tags"], "expected at least one argument"),
+        (["--checkpoint-freq", "0"], "--checkpoint-freq must be >= 1"),
         (["--data-dir", str(empty)], "no train-images-idx3-ubyte"),
         (["--data-dir", str(garbage)], "truncated or padded"),
         (["--droprate", "1"], "--droprate"),
@@ -367,48 +424,70 @@ def test_bad_input_gives_one_line(tmp_path, capsys):
 TINY = ["--densities", "0.1", "0.3", "--epochs", "1", "--steps-per-epoch", "2",
         "--train-samples", "800", "--seed", "5", "--log-level", "WARNING"]
 IPU_ONLY_FLAGS = ["--partials-type", "fp16", "--disable-shared-buckets",
-                  "--batches-per-step-override", "7", "--disable-dense-grad-override",
                   "--pipelining", "--pipeline-schedule", "Interleaved", "--on-demand"]
 
 
 def test_ipu_only_flags_change_nothing(mnist, tmp_path):
     plain = train([*TINY, "--checkpoint-path", str(tmp_path / "plain")], mnist)
     ipu = train([*TINY, *IPU_ONLY_FLAGS, "--checkpoint-path", str(tmp_path / "ipu")], mnist)
-    assert (plain["test_loss"], plain["test_accuracy"]) == (ipu["test_loss"],
-                                                              ipu["test_accuracy"])
-    assert_same_arrays(final_checkpoint(tmp_path / "plain")[1],
-                       final_checkpoint(tmp_path / "ipu")[1])
+    # --disable-dense-grad-override changes nothing where no dense gradient is needed.
+    static = ["--disable-pruning", "--checkpoint-path"]
+    runs = [train([*TINY, *static, str(tmp_path / "static")], mnist),
+            train([*TINY, *static, str(tmp_path / "nograd"), "--disable-dense-grad-override"],
+                  mnist)]
+    for a, b in ((plain, ipu), runs):
+        assert (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
+        assert_same_arrays(final_checkpoint(a["run_folder"])[1],
+                           final_checkpoint(b["run_folder"])[1])
     args = sparse_mnist.parse_args(IPU_ONLY_FLAGS + ["--pipelining"])
     assert args.ipu_only_given == ("--partials-type", "--disable-shared-buckets",
-                                   "--batches-per-step-override", "--disable-dense-grad-override",
                                    "--pipelining", "--pipeline-schedule", "--on-demand")
     assert sparse_mnist.parse_args([]).ipu_only_given == ()
 
 
-def test_log_file_and_the_ignored_flags_line(tmp_path):
+def test_log_table_and_the_ignored_flags_line(tmp_path):
+    """--log FILE is the original's table: a header, then per Rig-L step the batches
+    trained so far and that step's training accuracy."""
     log = tmp_path / "run.log"
     proc = run_script([*TINY, "--log-level", "INFO", "--log", str(log), "--on-demand",
-                       "--partials-type", "fp32"])
+                       "--partials-type", "fp32", "--checkpoint-path", str(tmp_path / "ckpt")])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    text = log.read_text()
-    ignored = [line for line in text.splitlines() if "ignored on the CPU" in line]
+    ignored = [line for line in out.splitlines() if "ignored on the CPU" in line]
     assert len(ignored) == 1 and ignored[0].endswith("INFO ignored on the CPU (IPU only): "
-                                                      "--on-demand, --partials-type"), text
-    assert "Rig-L step 2/2" in text and "Rig-L step 2/2" in out
-    assert "Test loss" in out and "Test loss" not in text  # results are printed, not logged
+                                                      "--on-demand, --partials-type"), out
+    lines = log.read_text().splitlines()
+    assert lines[0] == "Iteration Density_0.1_0.3"
+    # 800 images make 50 batches of 16, 25 per Rig-L step; accuracy as logged per step.
+    logged = [float(line.split("acc ")[1].split()[0]) for line in out.splitlines()
+              if "Rig-L step" in line]
+    assert [int(line.split()[0]) for line in lines[1:]] == [25, 50]
+    for line, accuracy in zip(lines[1:], logged):
+        correct = float(line.split()[1]) * 25 * 16
+        assert correct == round(correct) and round(float(line.split()[1]), 3) == accuracy
 
 
-def test_test_mode_and_single_step(mnist, tmp_path, capsys):
+def test_batches_per_step_override_sets_the_loop_length(mnist, tmp_path):
+    # 7 batches per Rig-L step, 2 steps per epoch, 2 epochs: 28 batches, crossing the end
+    # of a 25-batch pass over 400 images.
+    results = train([*TINY, "--train-samples", "400", "--epochs", "2",
+                     "--batches-per-step-override", "7", "--log", str(tmp_path / "log")], mnist)
+    assert results["samples"] == 28 * 16 and results["traces"] == 1
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert [int(line.split()[0]) for line in lines[1:]] == [7, 14, 21, 28]
+
+
+def test_test_mode_restore_and_single_step(mnist, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     assert sparse_mnist.main([*TINY, "--test-mode", "training",
                               "--checkpoint-path", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert "Test loss" not in out and "Throughput" in out
     both = train(TINY, mnist)
-    # tests only, from the checkpoint: the result of training and testing in one run.
+    # tests only, from the named checkpoint: the result of training and testing in one run.
+    name = run_folder(ckpt).name
     assert sparse_mnist.main([*TINY, "--test-mode", "tests", "--checkpoint-path", str(ckpt),
-                              "--restore"]) == 0
+                              "--restore", name, "--start-epoch", "1"]) == 0
     out = capsys.readouterr().out
     assert (f"Test loss: {both['test_loss']:.3f} Test accuracy: "
             f"{both['test_accuracy']:.4f}") in out and "Throughput" not in out
@@ -418,12 +497,35 @@ def test_test_mode_and_single_step(mnist, tmp_path, capsys):
 
     single = tmp_path / "single"
     one = train([*TINY, "--single-train-step-only", "--checkpoint-path", str(single / "ckpt"),
-                 "--records-path", str(single / "records")], mnist)
-    assert one["samples"] == 16 and one["traces"] == 1 and np.isfinite(one["test_loss"])
-    assert not (single / "ckpt" / "checkpoint.json").exists()
+                 "--records-path", str(single / "records"), "--log", str(single / "log")], mnist)
+    # One device loop (the first Rig-L step, 25 batches), then stop: no update, no test.
+    assert one["samples"] == 25 * 16 and one["traces"] == 1 and one["test_loss"] is None
+    assert not (single / "ckpt").exists()
     assert sorted(records(single / "records")) == ["weights_fc1_000000.npz"]
-    untested = train([*TINY, "--single-train-step-only", "--test-mode", "training"], mnist)
-    assert untested["samples"] == 16 and untested["test_loss"] is None
+    assert (single / "log").read_text() == "Iteration Density_0.1_0.3\n"
+
+
+def test_restore_resumes_the_schedules_at_start_epoch(mnist, tmp_path, monkeypatch):
+    """--restore NAME --start-epoch 1 from the checkpoint written after epoch 1 trains
+    epoch 2 only and ends where the uninterrupted two-epoch run ends."""
+    argv = [*TINY, "--epochs", "2"]
+    full = train([*argv, "--checkpoint-path", str(tmp_path / "full")], mnist)
+    save = sparse_mnist.save_checkpoint
+
+    def save_and_keep_epoch_1(folder, *args):
+        save(folder, *args)
+        if args[3] == 2:  # segments_done: 2 Rig-L steps per epoch
+            shutil.copytree(folder, tmp_path / "kept" / "epoch1")
+
+    monkeypatch.setattr(sparse_mnist, "save_checkpoint", save_and_keep_epoch_1)
+    train([*argv, "--checkpoint-path", str(tmp_path / "first")], mnist)
+    monkeypatch.undo()
+    resumed = train([*argv, "--checkpoint-path", str(tmp_path / "kept"), "--restore", "epoch1",
+                     "--start-epoch", "1"], mnist)
+    assert resumed["samples"] == 50 * 16 and resumed["run_folder"] == tmp_path / "kept" / "epoch1"
+    assert resumed["test_loss"] == full["test_loss"]
+    assert_same_arrays(final_checkpoint(resumed["run_folder"])[1],
+                       final_checkpoint(full["run_folder"])[1])
 
 
 def test_nan_loss_stops_training(mnist, capsys):
@@ -446,35 +548,36 @@ def test_nan_dense_gradient_stops_before_touching_any_pattern():
         grads = [g.copy() for g in good]
         grads[1][3, 4] = bad  # fc2's gradient is bad: fc1 must not change either
         with pytest.raises(sparse_mnist.TrainingError, match="fc2: .* NaN/Inf"):
-            sparse_mnist.update_patterns(model, optimizer, grads, 0, 3, args,
+            sparse_mnist.update_patterns(model, optimizer, grads, 1, 3, args,
                                          np.random.default_rng(0))
         for name, layer in model.sparse_layers.items():
             after = layer.get_triplets()
             np.testing.assert_array_equal(after.row_indices, before[name].row_indices)
             np.testing.assert_array_equal(after.col_indices, before[name].col_indices)
-    moved = sparse_mnist.update_patterns(model, optimizer, good, 0, 3, args,
+    moved = sparse_mnist.update_patterns(model, optimizer, good, 1, 3, args,
                                          np.random.default_rng(0))
-    # Update 0 of 3 moves ceil(0.3 * nnz) connections: fc1 784x32 at 0.1, fc2 32x10 at 0.3.
-    assert moved == {"fc1": 753, "fc2": 29}
+    # Update 1 of 3 moves ceil(ceil(0.3 * nnz) * 0.5 * (1 + cos(pi / 3))), 0.75 of the most:
+    # fc1 784x32 at 0.1 (nnz 2509, at most 753), fc2 32x10 at 0.3 (nnz 96, at most 29).
+    assert moved == {"fc1": 565, "fc2": 22}
     assert {name: layer.nnz for name, layer in model.sparse_layers.items()} == {
         "fc1": 2509, "fc2": 96}
 
 
 def test_corrupt_or_foreign_checkpoint_gives_one_line(mnist, tmp_path, capsys):
-    ckpt = tmp_path / "ckpt"
-    train([*SMALL, "--checkpoint-path", str(ckpt)], mnist)
+    folder = train([*SMALL, "--checkpoint-path", str(tmp_path)], mnist)["run_folder"]
+    ckpt = folder
+    restore = ["--checkpoint-path", str(tmp_path), "--restore", folder.name, "--start-epoch", "1"]
     meta = json.loads((ckpt / "checkpoint.json").read_text())
-    code, err = run_main([*SMALL, "--seed", "4", "--checkpoint-path", str(ckpt), "--restore"],
-                         capsys)
+    code, err = run_main([*SMALL, "--seed", "4", *restore], capsys)
     assert code == 2 and err.count("\n") == 1 and "belongs to another run: seed=3" in err, err
     npz = ckpt / meta["arrays"]
     blob = bytearray(npz.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     npz.write_bytes(bytes(blob))
-    code, err = run_main([*SMALL, "--checkpoint-path", str(ckpt), "--restore"], capsys)
+    code, err = run_main([*SMALL, *restore], capsys)
     assert code == 2 and err.count("\n") == 1 and "corrupt checkpoint" in err, err
     (ckpt / "checkpoint.json").write_text("{not json")
-    code, err = run_main([*SMALL, "--checkpoint-path", str(ckpt), "--restore"], capsys)
+    code, err = run_main([*SMALL, *restore], capsys)
     assert code == 2 and err.count("\n") == 1 and "corrupt checkpoint" in err, err
 
 
