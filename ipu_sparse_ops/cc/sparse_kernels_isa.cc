@@ -214,27 +214,55 @@ constexpr int64_t kPanelBytes = 256 * 1024;
 // Output columns that sweep the panels together; their cursors live on the stack.
 constexpr int64_t kColumnGroup = 128;
 
+// acc += block w (row-major) times x's BS rows, on TC of its columns from c0.
+template <int BS, int NV, int TC>
+inline void AccumulateBlock(const Vec* xr, const float* w, int c0, Vec (&acc)[TC][NV]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < BS; ++r) {
+    Vec xv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) xv[v] = xr[r * NV + v];
+#pragma GCC unroll 16
+    for (int c = 0; c < TC; ++c) {
+      const float wc = w[r * BS + c0 + c];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[c][v] += xv[v] * wc;
+    }
+  }
+}
+
+// Independent accumulator sets an element-wise column's non-zeros rotate
+// through: with fewer than 8 accumulators (a narrow batch), one set would wait
+// on the FMA latency. (Blocks have enough independent FMAs of their own.)
+constexpr int AccumulatorSets(int block_size, int accumulators) {
+  return block_size > 1 || accumulators >= 8 ? 1 : 8 / accumulators;
+}
+
 // acc (+)= the blocks k in [k_begin, k_end) of one column, on TC of its columns.
 template <int BS, int NV, int TC>
 inline void AccumulateColumn(const int32_t* row_indices, const float* values,
                              const Vec* x, int c0, int32_t k_begin, int32_t k_end,
                              Vec (&acc)[TC][NV]) {
-  for (int32_t k = k_begin; k < k_end; ++k) {
-    const Vec* xr = x + int64_t{row_indices[k]} * BS * NV;
-    const float* w = values + int64_t{k} * BS * BS;
-#pragma GCC unroll 16
-    for (int r = 0; r < BS; ++r) {
-      Vec xv[NV];
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) xv[v] = xr[r * NV + v];
-#pragma GCC unroll 16
-      for (int c = 0; c < TC; ++c) {
-        const float wc = w[r * BS + c0 + c];
-#pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) acc[c][v] += xv[v] * wc;
-      }
+  constexpr int U = AccumulatorSets(BS, TC * NV);
+  Vec sets[U][TC][NV] = {};
+  int32_t k = k_begin;
+  for (; k + U <= k_end; k += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      AccumulateBlock<BS, NV, TC>(x + int64_t{row_indices[k + u]} * BS * NV,
+                                  values + int64_t{k + u} * BS * BS, c0, sets[u]);
     }
   }
+  for (; k < k_end; ++k) {
+    AccumulateBlock<BS, NV, TC>(x + int64_t{row_indices[k]} * BS * NV,
+                                values + int64_t{k} * BS * BS, c0, sets[0]);
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 16
+    for (int c = 0; c < TC; ++c)
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[c][v] += sets[u][c][v];
 }
 
 // y[columns j0..j1) of one chunk; block k of W is values[k] (row-major). The
