@@ -32,7 +32,7 @@ for stateless dropout, folded per site so runs are reproducible). In float16
 the norms, the softmax and the token sum are computed in float32.
 
 `named_sparse_layers()` lists every `SparseFcLayer` of a block under a path
-like "encoder0/attention/q", the names Rig-L and checkpoints use;
+like "encoder0/attention/qkv", the names Rig-L and checkpoints use;
 `trainable_variables_list()` lists the `tf.Variable`s an optimizer trains.
 """
 
