@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import operator
 from dataclasses import dataclass
@@ -211,26 +212,64 @@ def constant_prune_count(t: int, T: int, prune_ratio: float, nnz: int) -> int:
     return _ceil(prune_ratio * nnz)
 
 
-def cosine_prune_count(t: int, T: int, prune_ratio: float, nnz: int, *, zero_steps: int = 0,
-                       phase_delay: float = 0.0, period: float = 0.5) -> int:
-    """Rig-L's cosine-decayed prune count for update t of T (t = 1 .. T), as the original.
+def cosine_schedule(t: int, T: int, *, zero_steps: int = 0, phase_delay: float = 0.0,
+                    period: float = 0.5) -> float:
+    """The original's cosine schedule: the fraction of the prune ratio update t of T moves.
 
-    With max_prune = ceil(prune_ratio * nnz), updates t < zero_steps move
-    nothing and the others move
-
-        k = ceil(max_prune * 0.5 * (1 + cos(phase_delay + 2 pi * period * (t - zero_steps) / (T - zero_steps))))
-
-    phase_delay is in radians and period in whole cosine cycles over the
-    remaining updates. The default (period 0.5) is half a cycle: the first
-    update already moves a little less than max_prune and the T-th moves nothing.
+    Updates are numbered t = 1 .. T. Those with t < zero_steps move nothing; the
+    others follow 0.5 * (1 + cos(phase_delay + 2 pi * period * (t - zero_steps) /
+    (T - zero_steps))), with phase_delay in radians and period in whole cosine
+    cycles. The default (period 0.5, half a cycle) starts just under 1 at t = 1
+    and reaches 0 at t = T.
     """
-    _check_schedule_args(t, T, prune_ratio, nnz)
+    if T < 1 or not 0 <= t <= T:
+        raise ValueError(f"need T >= 1 and 0 <= t <= T, got t={t}, T={T}")
     if not 0 <= zero_steps < T:
         raise ValueError(f"zero_steps must be in [0, T={T}), got {zero_steps}")
     if t < zero_steps:
-        return 0
+        return 0.0
     angle = phase_delay + period * ((t - zero_steps) * (2.0 * math.pi / (T - zero_steps)))
-    return _ceil(_ceil(prune_ratio * nnz) * (0.5 * (1.0 + math.cos(angle))))
+    return 0.5 * (1.0 + math.cos(angle))
+
+
+def cosine_prune_count(t: int, T: int, prune_ratio: float, nnz: int, *, zero_steps: int = 0,
+                       phase_delay: float = 0.0, period: float = 0.5) -> int:
+    """ceil(ceil(prune_ratio * nnz) * cosine_schedule(t, T, ...)), as the original counts."""
+    _check_schedule_args(t, T, prune_ratio, nnz)
+    fraction = cosine_schedule(t, T, zero_steps=zero_steps, phase_delay=phase_delay,
+                               period=period)
+    return _ceil(_ceil(prune_ratio * nnz) * fraction)
+
+
+COSINE_DEFAULTS = {"zero_steps": 0, "phase_delay": 0, "period": 0.5}  # the original's
+
+
+def cosine_options(text: str) -> dict:
+    """'{"zero_steps": 2}' (the --cosine-prune-schedule JSON) -> all three options.
+
+    Missing keys take the original's defaults. ValueError, in one line, for
+    JSON that is not an object of these keys with numbers (zero_steps a
+    whole number >= 0).
+    """
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(options, dict):
+        raise ValueError('must be a JSON object such as {"zero_steps": 0, "phase_delay": 0, '
+                         '"period": 0.5}')
+    unknown = sorted(set(options) - set(COSINE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}; the keys are "
+                         f"{', '.join(COSINE_DEFAULTS)}")
+    merged = dict(COSINE_DEFAULTS, **options)
+    for key, value in merged.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+    if merged["zero_steps"] != int(merged["zero_steps"]) or merged["zero_steps"] < 0:
+        raise ValueError(f"zero_steps must be a whole number >= 0, got {merged['zero_steps']!r}")
+    merged["zero_steps"] = int(merged["zero_steps"])
+    return merged
 
 
 PruneCount = Callable[[int, int, float, int], int]

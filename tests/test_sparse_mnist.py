@@ -3,12 +3,14 @@ records, and one clear line for every bad input."""
 
 import glob
 import json
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +172,115 @@ def test_each_trace_of_the_training_loop_computes_the_same_thing(mnist):
     for other in finals[1:]:
         for a, b in zip(finals[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+def numpy_sgd_step(x, labels, w1, b1, w2, b2, lr):
+    """One plain SGD step of relu(x w1 + b1) w2 + b2 on the mean cross-entropy, float64."""
+    z1 = x @ w1 + b1
+    h = np.maximum(z1, 0)
+    logits = h @ w2 + b2
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    dlogits = (p - np.eye(10)[labels]) / len(x)
+    dh = dlogits @ w2.T * (z1 > 0)
+    return (w1 - lr * x.T @ dh, b1 - lr * dh.sum(0), w2 - lr * h.T @ dlogits,
+            b2 - lr * dlogits.sum(0))
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_gradient_accumulation_is_one_step_on_the_whole_batch(accumulation):
+    """N micro-batches of 4, averaged: the SGD step a numpy reference takes on all 16."""
+    from ipu_sparse_ops import optimizers
+
+    args = sparse_mnist.parse_args(["--densities", "1", "1", "--hidden-size", "8", "--droprate",
+                                    "0", "--optimizer", "GradientDescent",
+                                    "--gradient-accumulation-count", str(accumulation)])
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (32, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 32).astype(np.uint8)
+    model = sparse_mnist.Model(args, seed=3)
+    before = [v.numpy().astype(np.float64) for v in model.trainable_variables()]
+    optimizer = optimizers.make_optimizer("GradientDescent", 0.0)
+    optimizer.build(model.trainable_variables())
+    segment = sparse_mnist.make_train_segment(model, optimizer, 16, images, labels,
+                                              tf.Variable(0.5), dense_grads=False,
+                                              weight_decay=0.0, accumulation=accumulation)
+    perm = rng.permutation(32).astype(np.int32)
+    segment(perm, 1, 1, 0, False)  # the second batch of 16
+    chosen = perm[16:32]
+    x = (images[chosen].reshape(16, -1) / 255.0 - sparse_mnist.PIXEL_MEAN) / sparse_mnist.PIXEL_STD
+    expected = numpy_sgd_step(x, labels[chosen], *before, lr=0.5)
+    for got, want in zip(model.trainable_variables(), expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_block_pixel_permutation_puts_each_block_on_one_tile():
+    # Closed form: block size 16 covers 4x4 tiles, 8 covers 4x2, 4 covers 2x2, row-major.
+    for block_size, (height, width) in ((16, (4, 4)), (8, (4, 2)), (4, (2, 2)), (1, (1, 1))):
+        perm = sparse_mnist.pixel_permutation("block", block_size, seed=0)
+        assert sorted(perm) == list(range(784))
+        tiles_per_row = 28 // width
+        for block in (0, 1, tiles_per_row, 37):
+            tile_row, tile_col = divmod(block, tiles_per_row)
+            want = [(tile_row * height + r) * 28 + tile_col * width + c
+                    for r in range(height) for c in range(width)]
+            assert list(perm[block * block_size:(block + 1) * block_size]) == want
+    assert list(sparse_mnist.pixel_permutation("none", 16, 0)) == list(range(784))
+    random = sparse_mnist.pixel_permutation("random", 1, 5)
+    assert sorted(random) == list(range(784)) and list(random) != list(range(784))
+    np.testing.assert_array_equal(random, sparse_mnist.pixel_permutation("random", 1, 5))
+
+
+def test_permute_input_is_saved_and_undone_by_the_pictures(mnist, tmp_path):
+    """The network sees x[:, perm]; the saved pixel_permutation.npy maps its rows back."""
+    records_path = tmp_path / "records"
+    argv = [*TINY, "--permute-input", "random", "--records-path", str(records_path)]
+    train(argv, mnist)
+    perm = np.load(records_path / "pixel_permutation.npy")
+    np.testing.assert_array_equal(perm, sparse_mnist.pixel_permutation("random", 1, 5))
+    assert visualise_connectivity.load_permutation(records_path) is not None
+    dense = np.load(records_path / "weights_fc1_000002.npy")
+    in_image_order = np.zeros(784)
+    in_image_order[perm] = np.count_nonzero(dense, axis=1)  # row j is pixel perm[j]
+    record = visualise_connectivity.record_from_dense(dense)
+    counts = visualise_connectivity.connections_per_pixel(record, perm)
+    np.testing.assert_array_equal(counts.reshape(-1), in_image_order)
+    # The permutation is real: the inputs trained differ from an unpermuted run.
+    plain = train([*TINY, "--records-path", str(tmp_path / "plain")], mnist)
+    assert plain["test_loss"] != train(argv, mnist)["test_loss"]
+
+
+def test_wandb_logs_when_installed_and_says_so_when_not(mnist, monkeypatch, caplog):
+    calls = []
+
+    class FakeRun:
+        summary = {}
+
+        def log(self, values, commit=True):
+            calls.append((dict(values), commit))
+
+        def finish(self):
+            calls.append("finish")
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    argv = [*TINY, "--use-wandb", "--wandb-project-name", "p", "--wandb-name", "n",
+            "--wandb-tags", "a", "b"]
+    results = train(argv, mnist)
+    init, *logs, end = calls
+    assert (init["project"], init["name"], init["tags"]) == ("p", "n", ["a", "b"])
+    assert end == "finish" and FakeRun.summary["Test Accuracy"] == results["test_accuracy"]
+    # Per Rig-L step: the prune share (not committed), then loss, accuracy and throughput.
+    assert [sorted(v) for v, _ in logs] == [["Prune Schedule"], ["Accuracy", "Loss",
+                                                                  "Throughput"]] * 2
+    assert logs[0][0]["Prune Schedule"] == pytest.approx(0.3 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert logs[2][0]["Prune Schedule"] == pytest.approx(0.0, abs=1e-12)  # the T-th update
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails
+    with caplog.at_level("WARNING"):
+        train(argv, mnist)
+    assert [r.message for r in caplog.records if "wandb" in r.message] == [
+        "--use-wandb: the wandb package is not installed; nothing is logged to Weights & Biases"]
 
 
 # ---- training ---------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import pytest
 
 from ipu_sparse_ops.sparse import Triplets
 from ipu_sparse_ops.sparse_training import (
-    UpdateSchedule, constant_prune_count, cosine_prune_count, follow_pattern, prune,
-    prune_and_regrow, prune_schedule)
+    UpdateSchedule, constant_prune_count, cosine_options, cosine_prune_count, follow_pattern,
+    prune, prune_and_regrow, prune_schedule)
 
 
 def element_triplets():
@@ -314,3 +314,15 @@ def test_update_schedule_steps():
         schedule.update_index(5)
     with pytest.raises(ValueError):
         UpdateSchedule(interval=0, num_updates=2)
+
+
+def test_cosine_options_fill_in_the_original_defaults():
+    assert cosine_options("{}") == {"zero_steps": 0, "phase_delay": 0, "period": 0.5}
+    assert cosine_options('{"zero_steps": 2.0, "period": 1}') == {
+        "zero_steps": 2, "phase_delay": 0, "period": 1}
+    for text, message in (("{x", "not valid JSON"), ("[]", "JSON object"),
+                          ('{"delay": 1}', "unknown key 'delay'"),
+                          ('{"zero_steps": -1}', "whole number >= 0"),
+                          ('{"period": true}', "period must be a number")):
+        with pytest.raises(ValueError, match=message):
+            cosine_options(text)
