@@ -37,12 +37,13 @@ from ipu_sparse_ops.machine import cpu_model
 from ipu_sparse_ops.tf_startup import onednn_enabled, tf
 
 INTRA_OP_THREADS = 2
-SHAPES = ((256, 4096, 4096), (256, 1024, 1024), (128, 784, 320), (16, 784, 320))
-DENSITIES = (0.01, 0.1, 0.3)
+SHAPES = ((256, 4096, 4096), (256, 1024, 1024), (64, 1024, 1024), (128, 784, 320), (16, 784, 320))
+DENSITIES = (0.01, 0.05, 0.1, 0.3)
 BLOCK_SIZES = (1, 8, 16)
 # The --quick subset: the cases the issue sets targets for.
-QUICK_CASES = (((256, 4096, 4096), 0.1, 1), ((256, 4096, 4096), 0.1, 16),
-               ((256, 4096, 4096), 0.3, 16), ((128, 784, 320), 0.1, 1),
+QUICK_CASES = (((256, 4096, 4096), 0.1, 1), ((256, 4096, 4096), 0.3, 1),
+               ((256, 4096, 4096), 0.1, 16), ((256, 4096, 4096), 0.3, 16),
+               ((64, 1024, 1024), 0.05, 1), ((128, 784, 320), 0.1, 1),
                ((16, 784, 320), 0.1, 1), ((16, 784, 320), 0.1, 16))
 TARGET_SECONDS_PER_RUN = 0.05  # calls per timed run are chosen to last about this
 MAX_CALLS_PER_RUN = 32
@@ -278,6 +279,17 @@ def benchmark_case(case: Case, mode: str, seed: int, dtype: str, children: list[
             problem.gflops(t["fwd"]), share(t["fwd"]), share(t["gin"]), share(t["gval"])]
 
 
+def parse_case(text: str) -> Case:
+    """BATCHxINxOUT:DENSITY:BLOCK, e.g. 16x784x320:0.1:1."""
+    try:
+        shape, density, block_size = text.split(":")
+        batch, input_size, output_size = (int(n) for n in shape.split("x"))
+        return Case(batch, input_size, output_size, float(density), int(block_size))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not BATCHxINxOUT:DENSITY:BLOCK (e.g. 16x784x320:0.1:1)") from None
+
+
 def cases(quick: bool) -> list[Case]:
     if quick:
         return [Case(*shape, density, bs) for shape, density, bs in QUICK_CASES]
@@ -300,6 +312,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="a few-minute subset: the cases the issue sets targets for")
     parser.add_argument("--fp16", action="store_true",
                         help="float16 storage for every contender (ours accumulates in float32)")
+    parser.add_argument("--case", type=parse_case, action="append", default=[],
+                        metavar="BxIxO:D:BS",
+                        help="time only this case (repeatable), e.g. 16x784x320:0.1:1; "
+                             "skips the end-to-end runs")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds per row (default 7, 3 with --quick)")
     parser.add_argument("--dense-worker", action="store_true", help=argparse.SUPPRESS)
@@ -326,19 +342,21 @@ def main(argv: Sequence[str]) -> int:
           f"oneDNN off and on, each in its own process; the oneDNN column says which won "
           f"(mm/gin/dW).\n"
           f"x = best dense time / ours (fwd vs mm, gin vs gin, gval vs dW); dgrad/dW = our "
-          f"dense gradient's time (pooled SUM for bs > 1) over the best dW; x tf.sp = tf.sparse.sparse_dense_matmul "
-          f"time / our fwd; GF = useful GFLOP/s; %pk = share of the FMA peak.")
+          f"dense gradient's time (pooled SUM for bs > 1) over the best dW; x tf.sp = "
+          f"tf.sparse.sparse_dense_matmul time / our fwd; GF = useful GFLOP/s; %pk = share "
+          f"of the FMA peak.")
     children = [DenseChild(onednn, dtype) for onednn in ONEDNN_SETTINGS]
     try:
         print_row([header for header, _, _ in COLUMNS])
-        for seed, case in enumerate(cases(args.quick)):
+        for seed, case in enumerate(args.case or cases(args.quick)):
             for mode in MODES:
                 print_row(benchmark_case(case, mode, seed, dtype, children, args.repeats, peak))
     finally:
         for child in children:
             child.close()
-    print()
-    mnist_end_to_end(epochs=1 if args.quick else 2)
+    if not args.case:
+        print()
+        mnist_end_to_end(epochs=1 if args.quick else 2)
     return 0
 
 
@@ -350,22 +368,27 @@ MNIST_CONFIGS = {  # name: sparse_mnist.py flags
 }
 
 
+MNIST_BATCH_SIZES = (16, 128)  # the original's default, and a wider one
+
+
 def mnist_end_to_end(epochs: int) -> None:
-    """samples/s of sparse_mnist.py (default batch 16) and the host Rig-L share of its time."""
+    """samples/s of sparse_mnist.py and the host Rig-L share of its time."""
     script = REPO / "mnist_rigl" / "sparse_mnist.py"
-    print(f"End to end: mnist_rigl/sparse_mnist.py, {epochs} epoch(s), batch 16, seed 0")
-    row = "{:<30} {:>10} {:>8} {:>8}".format
-    print(row("model", "samples/s", "x dense", "Rig-L %"))
-    dense_rate = None
-    for name, flags in MNIST_CONFIGS.items():
-        out = subprocess.run([sys.executable, str(script), *flags, "--epochs", str(epochs),
-                              "--seed", "0", "--log-level", "WARNING"],
-                             capture_output=True, text=True, check=True).stdout
-        rate = float(re.search(r"Throughput: (\d+) samples/s", out).group(1))
-        share = re.search(r"\(([\d.]+)% of training time\)", out)
-        dense_rate = dense_rate or rate
-        print(row(name, f"{rate:.0f}", f"{rate / dense_rate:.2f}",
-                  share.group(1) if share else "-"), flush=True)
+    print(f"End to end: mnist_rigl/sparse_mnist.py, {epochs} epoch(s), seed 0")
+    row = "{:<30} {:>5} {:>10} {:>8} {:>8}".format
+    print(row("model", "batch", "samples/s", "x dense", "Rig-L %"))
+    for batch_size in MNIST_BATCH_SIZES:
+        dense_rate = None
+        for name, flags in MNIST_CONFIGS.items():
+            out = subprocess.run([sys.executable, str(script), *flags, "--epochs", str(epochs),
+                                  "--batch-size", str(batch_size), "--seed", "0",
+                                  "--log-level", "WARNING"],
+                                 capture_output=True, text=True, check=True).stdout
+            rate = float(re.search(r"Throughput: (\d+) samples/s", out).group(1))
+            share = re.search(r"\(([\d.]+)% of training time\)", out)
+            dense_rate = dense_rate or rate
+            print(row(name, batch_size, f"{rate:.0f}", f"{rate / dense_rate:.2f}",
+                      share.group(1) if share else "-"), flush=True)
 
 
 if __name__ == "__main__":

@@ -370,28 +370,24 @@ void Matmul(const BlockPattern& pattern, const float* values, const float* lhs,
   }
 }
 
-// Chunk width (in Vecs) of the element-wise input gradient: the chunk's Vecs
+// Widest chunk (in Vecs) of the element-wise input gradient: the chunk's Vecs
 // of a dy column stay in registers for all of that column's non-zeros, and
 // narrow chunks give the threads more of them to share.
-constexpr int kScatterNv = 4;
+constexpr int kScatterMaxNv = 4;
 // Below this many multiply-adds one thread finishes the scatter sooner than
 // the transposed pattern would be built, however narrow the batch.
 constexpr int64_t kScatterSmallWork = int64_t{1} << 22;
 
 // grad_lhs = grad_out @ W^T for an element-wise W without transposing the
 // pattern: non-zero W[i, j] adds W[i, j] * dy[:, j] to dx[:, i]. Threads own
-// batch chunks, so no two write one row; rows go in L2-sized panels with a
-// cursor per column, as in the forward kernel. Declines (returns false) when
-// the batch has a single chunk and the work is large: that would leave the
-// other threads idle.
-bool GradInputScatter(const BlockPattern& pattern, const float* values,
-                      const float* grad_out, int64_t batch, float* grad_lhs,
-                      const ParallelFor& parallel_for) {
-  constexpr int NV = kScatterNv;
+// batch chunks of NV Vecs, so no two write one row; rows go in L2-sized panels
+// with a cursor per column, as in the forward kernel.
+template <int NV>
+void GradInputScatterNv(const BlockPattern& pattern, const float* values,
+                        const float* grad_out, int64_t batch, float* grad_lhs,
+                        const ParallelFor& parallel_for) {
   constexpr int64_t kPanelRows = kPanelBytes / (NV * sizeof(Vec));
-  if (pattern.block_size != 1) return false;
   const int64_t nnz = pattern.num_blocks();
-  if (batch <= NV * kLanes && nnz * batch > kScatterSmallWork) return false;
   const int64_t rows = pattern.input_blocks;
   const int64_t columns = pattern.output_blocks;
   const int32_t* row_indices = pattern.row_indices;
@@ -425,6 +421,25 @@ bool GradInputScatter(const BlockPattern& pattern, const float* values,
     }
   });
   dx.Unpack(grad_lhs, batch, parallel_for);
+}
+
+// The scatter above with chunks no wider than the batch needs. Declines
+// (returns false) for blocks, and when the batch has a single chunk and the
+// work is large: that would leave the other threads idle.
+bool GradInputScatter(const BlockPattern& pattern, const float* values,
+                      const float* grad_out, int64_t batch, float* grad_lhs,
+                      const ParallelFor& parallel_for) {
+  if (pattern.block_size != 1) return false;
+  if (batch <= kScatterMaxNv * kLanes && pattern.num_blocks() * batch > kScatterSmallWork) {
+    return false;
+  }
+  if (batch <= kLanes) {
+    GradInputScatterNv<1>(pattern, values, grad_out, batch, grad_lhs, parallel_for);
+  } else if (batch <= 2 * kLanes) {
+    GradInputScatterNv<2>(pattern, values, grad_out, batch, grad_lhs, parallel_for);
+  } else {
+    GradInputScatterNv<kScatterMaxNv>(pattern, values, grad_out, batch, grad_lhs, parallel_for);
+  }
   return true;
 }
 
