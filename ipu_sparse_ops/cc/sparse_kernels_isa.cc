@@ -66,31 +66,60 @@ inline void TransposeInRegisters(Vec (&rows)[kLanes]) {
   }
 }
 
-// out[i] = the sum of the lanes of acc[i], for N accumulators: each kLanes of
-// them are transposed and added, which costs a few shuffles per sum instead of
-// a reduction tree per accumulator (it decides the SDDMM's speed at small batch).
-template <int N>
-inline void HorizontalSums(const Vec (&acc)[N], float (&out)[N]) {
-  static_assert(N % kLanes == 0, "HorizontalSums takes whole groups of kLanes");
-#pragma GCC unroll 4
-  for (int g = 0; g < N; g += kLanes) {
-    Vec rows[kLanes];
-#pragma GCC unroll 16
-    for (int i = 0; i < kLanes; ++i) rows[i] = acc[g + i];
-    TransposeInRegisters(rows);
-    Vec sums = rows[0];
-#pragma GCC unroll 16
-    for (int i = 1; i < kLanes; ++i) sums += rows[i];
-    std::memcpy(out + g, &sums, sizeof(Vec));
-  }
-}
-
 inline Vec LoadUnaligned(const float* p) {
   Vec v;
   std::memcpy(&v, p, sizeof(Vec));
   return v;
 }
 inline void StoreUnaligned(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+// Within each run of B lanes, the low (kHigh false) or high half of a's run
+// followed by the same half of b's.
+template <int B, bool kHigh, size_t... I>
+inline Vec HalvesOfRuns(Vec a, Vec b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(
+      a, b, (I % B < B / 2 ? I / B * B + I % B + (kHigh ? B / 2 : 0)
+                           : kLanes + I / B * B + I % B - B / 2 + (kHigh ? B / 2 : 0))...);
+}
+
+// One step of the reduction below: n vectors whose partial sums sit in runs of
+// B lanes become n / 2 vectors with runs of B / 2, each pair folded together.
+template <int B>
+inline void FoldPairs(Vec* v, int n) {
+  constexpr auto kIndices = std::make_index_sequence<kLanes>();
+  for (int m = 0; m < n / 2; ++m) {
+    v[m] = HalvesOfRuns<B, false>(v[2 * m], v[2 * m + 1], kIndices) +
+           HalvesOfRuns<B, true>(v[2 * m], v[2 * m + 1], kIndices);
+  }
+  if constexpr (B > 2) FoldPairs<B / 2>(v, n / 2);
+}
+
+constexpr int BitReversed(int i) {
+  int r = 0;
+  for (int bit = 1; bit < kLanes; bit *= 2) r = r * 2 + (i / bit) % 2;
+  return r;
+}
+
+// out[i] = the sum of the lanes of acc[i], for N accumulators: each kLanes of
+// them fold pairwise into one Vec (2 (kLanes - 1) shuffles and kLanes - 1 adds
+// per kLanes sums, half the shuffles of a transpose; it decides the SDDMM's
+// speed at small batch). The folds leave sum i in lane BitReversed(i).
+template <int N>
+inline void HorizontalSums(const Vec (&acc)[N], float (&out)[N]) {
+  static_assert(N % kLanes == 0, "HorizontalSums takes whole groups of kLanes");
+#pragma GCC unroll 4
+  for (int g = 0; g < N; g += kLanes) {
+    Vec v[kLanes];
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes; ++i) v[i] = acc[g + i];
+    FoldPairs<kLanes>(v, kLanes);
+    float sums[kLanes];
+    std::memcpy(sums, &v[0], sizeof(Vec));
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes; ++i) out[g + i] = sums[BitReversed(i)];
+  }
+}
+
 
 // Activations laid out as [chunks][rows][nv] Vecs, zero-padded past the batch.
 // Pack and Unpack transpose kLanes x kLanes tiles in registers; only the edges
