@@ -26,6 +26,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -380,10 +381,11 @@ def mnist_end_to_end(epochs: int) -> None:
     for batch_size in MNIST_BATCH_SIZES:
         dense_rate = None
         for name, flags in MNIST_CONFIGS.items():
-            out = subprocess.run([sys.executable, str(script), *flags, "--epochs", str(epochs),
-                                  "--batch-size", str(batch_size), "--seed", "0",
-                                  "--log-level", "WARNING"],
-                                 capture_output=True, text=True, check=True).stdout
+            with tempfile.TemporaryDirectory() as checkpoints:
+                out = subprocess.run([sys.executable, str(script), *flags, "--epochs", str(epochs),
+                                      "--batch-size", str(batch_size), "--seed", "0",
+                                      "--log-level", "WARNING", "--checkpoint-path", checkpoints],
+                                     capture_output=True, text=True, check=True).stdout
             rate = float(re.search(r"Throughput: (\d+) samples/s", out).group(1))
             share = re.search(r"\(([\d.]+)% of training time\)", out)
             dense_rate = dense_rate or rate
