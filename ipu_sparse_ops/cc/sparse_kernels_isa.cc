@@ -103,9 +103,15 @@ constexpr int BitReversed(int i) {
 // out[i] = the sum of the lanes of acc[i], for N accumulators: each kLanes of
 // them fold pairwise into one Vec (2 (kLanes - 1) shuffles and kLanes - 1 adds
 // per kLanes sums, half the shuffles of a transpose; it decides the SDDMM's
-// speed at small batch). The folds leave sum i in lane BitReversed(i).
+// speed at small batch). The folds leave sum i in lane BitReversed(i); one
+// permutation puts it back in lane i.
+template <size_t... I>
+inline Vec InBitReversedOrder(Vec v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, BitReversed(I)...);
+}
+
 template <int N>
-inline void HorizontalSums(const Vec (&acc)[N], float (&out)[N]) {
+inline void HorizontalSums(const Vec (&acc)[N], float* out) {
   static_assert(N % kLanes == 0, "HorizontalSums takes whole groups of kLanes");
 #pragma GCC unroll 4
   for (int g = 0; g < N; g += kLanes) {
@@ -113,10 +119,7 @@ inline void HorizontalSums(const Vec (&acc)[N], float (&out)[N]) {
 #pragma GCC unroll 16
     for (int i = 0; i < kLanes; ++i) v[i] = acc[g + i];
     FoldPairs<kLanes>(v, kLanes);
-    float sums[kLanes];
-    std::memcpy(sums, &v[0], sizeof(Vec));
-#pragma GCC unroll 16
-    for (int i = 0; i < kLanes; ++i) out[g + i] = sums[BitReversed(i)];
+    StoreUnaligned(out + g, InBitReversedOrder(v[0], std::make_index_sequence<kLanes>()));
   }
 }
 
@@ -544,9 +547,14 @@ void GradValuesColumns(const BlockPattern& pattern, const Vec* x, const Vec* dy,
         }
         Vec acc[kDotGroup][1] = {};
         DotTile<kDotGroup, 1>(x_rows, dy_row, nv, acc);
-        float dots[kDotGroup];
-        HorizontalSums(reinterpret_cast<const Vec(&)[kDotGroup]>(acc), dots);
-        for (int e = 0; e < n; ++e) grad_values[k + e] = dots[e];
+        const auto& sums = reinterpret_cast<const Vec(&)[kDotGroup]>(acc);
+        if (n == kDotGroup) {
+          HorizontalSums(sums, grad_values + k);
+        } else {
+          float dots[kDotGroup];
+          HorizontalSums(sums, dots);
+          std::copy(dots, dots + n, grad_values + k);
+        }
       }
     } else {
       for (int32_t k = k_begin; k < k_end; ++k) {
