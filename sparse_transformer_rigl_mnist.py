@@ -46,6 +46,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from ipu_sparse_ops import sparse_training  # noqa: E402
 from ipu_sparse_ops.cli import ArgumentParser  # noqa: E402
 from ipu_sparse_ops.ipu_only_flags import IPU_ONLY, IpuOnlyFlag  # noqa: E402
 from ipu_sparse_ops.training_run import (  # noqa: E402
@@ -82,8 +83,6 @@ BASE_LEARNING_RATES = {"gradientdescent": 0.05, "momentum": 0.01, "adam": 0.005}
 LR_DECAY = ((0.0, 1.0), (0.25, 0.5), (0.5, 0.3), (0.75, 0.1))
 WARMUP_FRACTION = 0.05
 EVAL_BATCH = 500
-COSINE_KEYS = {"zero_steps": int, "phase_delay": float, "period": float}
-DEFAULT_COSINE = {"zero_steps": 0, "phase_delay": 0.0, "period": 0.5}
 CHECKPOINT_NAME = "sparse_transformer.npz"
 # Flags that fix the model's shape; a checkpoint only loads into a model that agrees.
 MODEL_FLAGS = ("attention_heads", "hidden_length", "qkv_length", "ff_length", "data_type",
@@ -240,7 +239,8 @@ def build_parser(recipe: str = "original") -> argparse.ArgumentParser:
                              "the host (NONE: the full gradient; the host sums |g| per block)")
     parser.add_argument("--disable-updating", action="store_true",
                         help="keep the initial random patterns (static sparsity)")
-    parser.add_argument("--cosine-prune-schedule", type=str, default=json.dumps(DEFAULT_COSINE),
+    parser.add_argument("--cosine-prune-schedule", type=str,
+                        default=json.dumps(sparse_training.COSINE_DEFAULTS),
                         metavar="JSON",
                         help="prune count of update t = 1..T: 0 for t < zero_steps, else "
                              "ceil(ceil(prune_ratio * nnz) * 0.5 * (1 + cos(phase_delay + 2 pi "
@@ -366,7 +366,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         raise UsageError(f"--accuracy-threshold must be in [0, 1], got {args.accuracy_threshold:g}")
     if not 0 <= args.random_seed < 2**63:
         raise UsageError(f"--random-seed must be in [0, 2**63), got {args.random_seed}")
-    args.cosine_options = parse_cosine_schedule(args.cosine_prune_schedule)
+    try:
+        args.cosine_options = sparse_training.cosine_options(args.cosine_prune_schedule)
+    except ValueError as e:
+        raise UsageError(f"--cosine-prune-schedule: {e}") from None
     if args.mode == "test" and args.checkpoint_path is None:
         raise UsageError("--mode test needs --train-checkpoint-path (the folder --mode train "
                          "wrote)")
@@ -388,33 +391,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         make_optimizer(args.optimizer, 0.001, **args.optimizer_options)  # checks the options
     except ValueError as e:
         raise UsageError(f"--optimizer-arg: {e}") from None
-
-
-def parse_cosine_schedule(text: str) -> dict:
-    """'{"zero_steps": 1, "period": 0.5}' -> the schedule options, defaults filled in."""
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--cosine-prune-schedule is not valid JSON ({e.msg})") from None
-    if not isinstance(options, dict):
-        raise UsageError("--cosine-prune-schedule must be a JSON object such as "
-                         '{"zero_steps": 0, "phase_delay": 0, "period": 0.5}')
-    unknown = sorted(set(options) - set(COSINE_KEYS))
-    if unknown:
-        raise UsageError(f"--cosine-prune-schedule: unknown key {unknown[0]!r}; the keys are "
-                         f"{', '.join(COSINE_KEYS)}")
-    merged = dict(DEFAULT_COSINE)
-    for key, value in options.items():
-        kind = COSINE_KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                kind is int and value != int(value)) or not math.isfinite(value):
-            raise UsageError(f"--cosine-prune-schedule: {key} must be "
-                             f"{'an integer' if kind is int else 'a number'}, got {value!r}")
-        merged[key] = kind(value)
-    if merged["zero_steps"] < 0:
-        raise UsageError(f"--cosine-prune-schedule: zero_steps must be >= 0, "
-                         f"got {merged['zero_steps']}")
-    return merged
 
 
 # ---- plan ------------------------------------------------------------------------------
@@ -577,7 +553,7 @@ def describe(model) -> None:
 
 def train(args, x_train, y_train, seed: int):
     """The Rig-L training run; returns (model, results). Raises UsageError / TrainingError."""
-    from ipu_sparse_ops import optimizers, rigl, sparse_training
+    from ipu_sparse_ops import optimizers, rigl
 
     n_train = len(x_train)
     batches_per_epoch = n_train // args.batch_size

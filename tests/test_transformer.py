@@ -481,7 +481,7 @@ def test_end_to_end_run_then_test_from_the_checkpoint(tmp_path, capsys):
     (["--prune-ratio", "1.5"], "--prune-ratio must be in [0, 1]"),
     (["--cosine-prune-schedule", "{bad"], "not valid JSON"),
     (["--cosine-prune-schedule", '{"zero_step": 1}'], "unknown key 'zero_step'"),
-    (["--cosine-prune-schedule", '{"zero_steps": 1.5}'], "zero_steps must be an integer"),
+    (["--cosine-prune-schedule", '{"zero_steps": 1.5}'], "zero_steps must be a whole number"),
     (["--cosine-prune-schedule", "[1, 2]"], "must be a JSON object"),
     (["--optimizer", "Adagrad"], "--optimizer: unknown optimizer"),
     (["--optimizer-arg", "momentum=0.9"], "--optimizer-arg: Adam has no option 'momentum'"),
