@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -35,12 +34,21 @@ const internal::IsaKernels& Kernels() {
 // W^T in the forward kernel's form: for each input block i, the output blocks
 // holding a non-zero in block-row i (ascending), with their values copied in
 // that order and each block transposed. Copying once costs less than reading
-// the blocks in W's scattered order for every batch chunk.
+// the blocks in W's scattered order for every batch chunk. Each calling thread
+// keeps its copy's storage for the next call: fresh pages would cost their
+// faults every time.
 struct TransposedWeights {
   std::vector<int32_t> col_offsets;
   std::vector<int32_t> row_indices;
-  std::unique_ptr<float[]> values;
+  std::vector<float> values;
 };
+
+// The calling thread's TransposedWeights. Bound to a reference there, so the
+// worker threads of a ParallelFor reach the caller's copy, not their own.
+TransposedWeights& KeptTransposedWeights() {
+  thread_local TransposedWeights kept;
+  return kept;
+}
 
 // Output-column ranges counted and scattered independently: enough to keep
 // every thread busy, few enough that their per-row counters stay small.
@@ -49,8 +57,8 @@ constexpr int64_t kTransposeParts = 16;
 // A counting sort by input block, parallel over output-column ranges: each
 // range counts its rows, a prefix sum over (row, range) gives every range its
 // own slots, and each range scatters in column order (keeping rows ascending).
-TransposedWeights Transpose(const BlockPattern& pattern, const float* values,
-                            const ParallelFor& parallel_for) {
+const TransposedWeights& Transpose(const BlockPattern& pattern, const float* values,
+                                   const ParallelFor& parallel_for) {
   const int64_t rows = pattern.input_blocks;
   const int64_t bs = pattern.block_size;
   const int64_t nnz = pattern.num_blocks();
@@ -71,7 +79,7 @@ TransposedWeights Transpose(const BlockPattern& pattern, const float* values,
   });
   // Exclusive prefix sum over (row, range), in two sequential sweeps of the
   // [range][row] counts (a sweep down each row would miss the cache at each step).
-  TransposedWeights t;
+  TransposedWeights& t = KeptTransposedWeights();
   t.col_offsets.assign(rows + 1, 0);
   for (int64_t q = 0; q < parts; ++q)
     for (int64_t i = 0; i < rows; ++i) t.col_offsets[i + 1] += slots[q * rows + i];
@@ -85,7 +93,7 @@ TransposedWeights Transpose(const BlockPattern& pattern, const float* values,
     }
   }
   t.row_indices.resize(nnz);
-  t.values.reset(new float[nnz * bs * bs]);
+  t.values.resize(nnz * bs * bs);
   parallel_for(parts, cost_per_part, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       int32_t* cursor = slots.data() + q * rows;
@@ -94,7 +102,7 @@ TransposedWeights Transpose(const BlockPattern& pattern, const float* values,
           const int32_t slot = cursor[pattern.row_indices[k]]++;
           t.row_indices[slot] = static_cast<int32_t>(j);
           const float* block = values + int64_t{k} * bs * bs;
-          float* transposed = t.values.get() + int64_t{slot} * bs * bs;
+          float* transposed = t.values.data() + int64_t{slot} * bs * bs;
           if (bs == 1) {  // most patterns: keep the general loop out of their way
             *transposed = *block;
             continue;
@@ -124,11 +132,11 @@ void SparseMatmulGradInput(const BlockPattern& pattern, const float* values,
   if (Kernels().grad_input_scatter(pattern, values, grad_out, batch, grad_lhs, parallel_for)) {
     return;
   }
-  const TransposedWeights t = Transpose(pattern, values, parallel_for);
+  const TransposedWeights& t = Transpose(pattern, values, parallel_for);
   const BlockPattern transposed = {pattern.output_blocks, pattern.input_blocks,
                                    pattern.block_size, t.col_offsets.data(),
                                    t.row_indices.data()};
-  Kernels().matmul(transposed, t.values.get(), grad_out, batch, grad_lhs, parallel_for);
+  Kernels().matmul(transposed, t.values.data(), grad_out, batch, grad_lhs, parallel_for);
 }
 
 void SparseMatmulGradValues(const BlockPattern& pattern, const float* lhs,
