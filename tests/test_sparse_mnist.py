@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from mnist_rigl import experiment, result_plotter, sparse_mnist, visualise_connectivity
+from mnist_rigl import sparse_mnist, visualise_connectivity
 from ipu_sparse_ops.tf_startup import tf
 from mnist_rigl.mnist_data import load_mnist
 
@@ -701,61 +700,3 @@ def test_script_runs_from_the_repo_root_without_pythonpath():
             assert proc.returncode == 0 and "--steps-per-epoch" in out and not err
         else:
             assert proc.returncode == 2 and err.count("\n") == 1 and message in err, err
-
-
-# ---- sweep and plot ---------------------------------------------------------------------
-
-def fake_results(path, runs):
-    path.write_text(json.dumps({"version": 1, "runs": {
-        f"{v}/seed{s}": {"variant": v, "seed": s, "status": "done", "test_accuracy": acc,
-                         "test_loss": 0.1, "samples_per_second": 1000.0,
-                         "args": experiment.variant_args(v, ["0.1", "0.3"])
-                         + ["--seed", str(s), "--epochs", "10"]}
-        for (v, s), acc in runs.items()}}))
-
-
-def test_sweep_skips_finished_runs_and_records_failures(tmp_path, capsys):
-    results = tmp_path / "results.json"
-    fake_results(results, {("dense", 1): 0.98, ("rigl", 1): 0.97})
-    assert experiment.main(["--output", str(results), "--dry-run", "--seeds", "1", "2"]) == 0
-    todo = [line for line in capsys.readouterr().out.splitlines() if "sparse_mnist.py" in line]
-    assert len(todo) == 6 and not any("--densities 1 1 --seed 1 " in t + " " for t in todo)
-    # A run that fails is stored as failed (not finished) and the sweep exits non-zero.
-    code = experiment.main(["--output", str(results), "--variants", "static", "--seeds", "1",
-                            "--", "--droprate", "1"])
-    assert code == 1
-    assert capsys.readouterr().err == "experiment.py: error: 1 run(s) failed; rerun to retry them\n"
-    stored = json.loads(results.read_text())["runs"]
-    assert stored["static/seed1"]["status"] == "failed"
-    assert "--droprate must be in [0, 1)" in stored["static/seed1"]["error"]
-    assert stored["dense/seed1"]["status"] == "done"  # earlier results kept
-    results.write_text("{broken")
-    assert experiment.main(["--output", str(results), "--dry-run"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
-
-
-def test_plotter_table_and_png(tmp_path, capsys):
-    results = tmp_path / "results.json"
-    fake_results(results, {("dense", 1): 0.984, ("dense", 2): 0.986, ("static", 1): 0.970,
-                           ("static", 2): 0.972, ("rigl", 1): 0.976, ("rigl", 2): 0.978})
-    assert result_plotter.main(["--results", str(results)]) == 0
-    table = (tmp_path / "results.md").read_text()
-    assert "| Dense | 1 / 1 | 2 | 98.50 ± 0.14 | 98.40 – 98.60 |" in table
-    assert "| Rig-L | 0.1 / 0.3 | 2 | 97.70 ± 0.14 |" in table
-    assert "Random" not in table  # no runs, no row
-    assert table.index("Static") < table.index("Rig-L")
-    with Image.open(tmp_path / "results.png") as png:
-        assert png.size[0] > 300
-    assert result_plotter.main(["--results", str(tmp_path / "missing.json")]) == 1
-    assert capsys.readouterr().err.count("\n") == 1
-
-
-@pytest.mark.slow
-def test_sweep_runs_the_script(tmp_path):
-    results = tmp_path / "results.json"
-    argv = ["--output", str(results), "--variants", "rigl", "--seeds", "1", "--epochs", "1",
-            "--", "--train-samples", "2000", "--steps-per-epoch", "2"]
-    assert experiment.main(argv) == 0
-    run = json.loads(results.read_text())["runs"]["rigl/seed1"]
-    assert run["status"] == "done" and 0.1 < run["test_accuracy"] <= 1.0
-    assert run["samples_per_second"] > 0

@@ -142,7 +142,7 @@ def test_every_script_gives_one_line(tmp_path, onednn):
     for (argv, message), result in zip(cases, run_all(cases, env)):
         assert "Traceback" not in result.stderr, (argv, result.stderr)
         assert_one_line(result, message, argv)
-    sweep_log = tmp_path / "sweep" / "logs" / "dense_seed1.log"
+    (sweep_log,) = (tmp_path / "sweep" / "logs").glob("project_dense_*_seed1_*.log")
     assert sweep_log.read_text().count("\n") == 1, sweep_log.read_text()
 
 
