@@ -1,6 +1,7 @@
 # make -j      builds the TensorFlow op library and the pybind11 host utilities
 # make mnist   the main job: sparse MNIST with Rig-L and its connectivity GIF
 # make bench   the performance table (make bench-quick: a two-minute subset)
+# make bench-peers  our op beside PyTorch dense and CSR, SparseProp and scipy CSR (optional packages)
 # make test    installs what is missing, builds, fetches MNIST, runs the tests
 # make test-slow  the longer training runs
 # make clean   removes what make built
@@ -36,7 +37,7 @@ PLAIN_OBJS := $(BUILD)/sparse_pattern.o $(BUILD)/sparse_kernels.o \
               $(foreach isa,$(ISAS),$(BUILD)/sparse_kernels_isa_$(isa).o)
 TF_OBJS := $(BUILD)/sparse_matmul_ops.o $(BUILD)/sparse_matmul_kernels.o
 
-.PHONY: all clean deps data test test-slow selfcheck mnist bench bench-quick
+.PHONY: all clean deps data test test-slow selfcheck mnist bench bench-quick bench-peers
 all: $(OP_LIB) $(HOST_UTILS)
 
 $(OP_LIB): $(TF_OBJS) $(PLAIN_OBJS)
@@ -88,6 +89,11 @@ bench: all $(DATA_STAMP) $(BUILD)/fma_peak
 	PYTHONPATH=. $(PYTHON) bench/benchmark.py
 bench-quick: all $(DATA_STAMP) $(BUILD)/fma_peak
 	PYTHONPATH=. $(PYTHON) bench/benchmark.py --quick
+
+# Our op beside the sparse libraries a user would try, same patterns, same run. The
+# peers are optional (bench/requirements-peers.txt); a missing one is one skipped line.
+bench-peers: all
+	PYTHONPATH=. $(PYTHON) bench/peers.py
 
 # The machine's float32 FMA peak, the yardstick of the table's "% peak".
 $(BUILD)/fma_peak: bench/fma_peak.cc | $(BUILD)
