@@ -226,7 +226,7 @@ def _minutes(seconds: float) -> str:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
     try:
         args = parse_args(argv)
         try:

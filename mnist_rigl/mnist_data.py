@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", help="read the four MNIST-format IDX files (plain or .gz) from here"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     try:
         print(prepare(args.data_dir) if args.prepare else _summary(*_find_mnist(args.data_dir)))
     except MnistError as e:

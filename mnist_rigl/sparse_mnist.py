@@ -883,7 +883,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # Progress goes to stdout: stderr is kept for the one line that explains a failure.
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+                        datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)], force=True)
     if args.ipu_only_given:
         logger.info("ignored on the CPU (IPU only): %s", ", ".join(args.ipu_only_given))
     try:
