@@ -430,10 +430,17 @@ def test_repeated_kills_at_any_moment_then_restore(mnist, tmp_path):
     """Several kills in a row, at moments spread over start-up, training and writes."""
     reference = train([*KILL_RUN, "--checkpoint-path", str(tmp_path / "reference")], mnist)
     args = [*KILL_RUN, "--checkpoint-path", str(tmp_path / "ckpt"), "--resume-latest"]
+    # Kill moments as a share of how long one whole run takes on this machine
+    # (start-up included): fixed seconds miss the run entirely on a fast CPU.
+    started = time.monotonic()
+    timing = run_script([*KILL_RUN, "--checkpoint-path", str(tmp_path / "timing")])
+    timing.communicate(timeout=300)
+    assert timing.returncode == 0
+    whole_run = time.monotonic() - started
     rng = np.random.default_rng()
     kills = 0
     for _ in range(6):
-        killed, _ = kill_at_random(args, (3.0, 8.0), rng)
+        killed, _ = kill_at_random(args, (0.2 * whole_run, 0.9 * whole_run), rng)
         kills += killed
     proc = run_script(args)
     out, err = proc.communicate(timeout=300)
