@@ -71,8 +71,10 @@ def _sparse_matmul_grad(op, grad):
         lhs, grad, metainfo, block_size=block_size)
     grad_anchor = None
     if anchor.shape.num_elements() != 0:
-        grad_anchor = _dense_grad(lhs, grad, compute, block_size,
-                                  op.get_attr("pooling_type").decode(), anchor.shape)
+        pooling_type = op.get_attr("pooling_type").decode()
+        grad_anchor = tf.cond(compute,
+                              lambda: dense_gradient(lhs, grad, block_size, pooling_type),
+                              lambda: tf.zeros(anchor.shape, anchor.dtype))
     return grad_lhs, None, grad_values, grad_anchor, None
 
 
@@ -90,8 +92,3 @@ def dense_gradient(lhs, grad_product, block_size=1, pooling_type="NONE") -> tf.T
                                                 pooling_type=pooling_type)
     return tf.cast(dense, lhs.dtype)
 
-
-def _dense_grad(lhs, grad, compute, block_size, pooling_type, shape):
-    """The dense gradient where `compute` is true at run time, else zeros."""
-    return tf.cond(compute, lambda: dense_gradient(lhs, grad, block_size, pooling_type),
-                   lambda: tf.zeros(shape, lhs.dtype))

@@ -24,7 +24,7 @@ using ParallelFor = std::function<void(
     int64_t n, int64_t cost_per_item,
     const std::function<void(int64_t, int64_t)>& fn)>;
 
-enum class Pooling { kNone, kSum, kAvg, kMax };
+enum class Pooling { kSum, kAvg, kMax };
 
 // Preconditions of every function below: the pattern has been validated and
 // both its block counts are at least 1 (the op returns zeros for an empty W
