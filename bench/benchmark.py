@@ -3,8 +3,8 @@
 Prints one table. The dense baseline is TensorFlow's tf.matmul with oneDNN off
 and with it on, each in its own child process (TF_ENABLE_ONEDNN_OPTS is read at
 import), and the faster of the two counts. Every case is timed two ways:
-`call`, one call from Python to a tf.function holding one op (dispatch
-included), and `loop`, per op inside one traced function of many calls on
+`call`, one eager call from Python (dispatch included; eager costs
+less per call here than calling a tf.function holding the op), and `loop`, per op inside one traced function of many calls on
 distinct copies of the inputs (so grappler cannot merge them), as a training
 step runs it. The contenders of a row, in this process and in both children,
 are timed in interleaved rounds, one run each per round, so a burst of load
@@ -69,7 +69,7 @@ def configure_threads() -> None:
     tf.config.threading.set_intra_op_parallelism_threads(INTRA_OP_THREADS)
     # One inter-op thread: the calls of a timed run execute one after another.
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    tf.get_logger().setLevel("ERROR")  # each timed op is its own tf.function: no retrace warnings
+    tf.get_logger().setLevel("ERROR")  # the traced loops of many ops: no retrace warnings
 
 
 class Timed:
@@ -89,9 +89,8 @@ class Timed:
             # Python per call than a small op takes to run.
             traced = tf.function(lambda: [op(*args) for args in self.inputs])
             self.run_calls = traced
-        else:
-            traced = tf.function(lambda args: op(*args))
-            self.run_calls = lambda: [traced(args) for args in self.inputs]
+        else:  # eager: the cheapest way to run one op from Python
+            self.run_calls = lambda: [op(*args) for args in self.inputs]
         self.run_calls()  # trace
         self.seconds: list[float] = []
 

@@ -431,7 +431,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds per case (default 7, 3 with --quick)")
     parser.add_argument("--mode", choices=benchmark.MODES, default="call",
-                        help="how our op runs: one call from Python to a tf.function (call, "
+                        help="how our op runs: one eager call from Python (call, "
                              "as the peers are called) or inside a traced loop of many calls "
                              "(loop, as a training segment runs it); default call")
     args = parser.parse_args(argv)

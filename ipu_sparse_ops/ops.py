@@ -54,11 +54,32 @@ def sparse_matmul(lhs, representation: Representation, spec: MatmulSpec,
     if lhs.shape.rank != 2 or lhs.shape[1] != spec.input_size:
         raise ValueError(f"lhs must be [batch, {spec.input_size}], got {lhs.shape}")
     if dense_grad_anchor is None:
-        dense_grad_anchor = tf.zeros((0, 0), dtype=dtype)
+        dense_grad_anchor = _constant((), dtype)
+    if isinstance(compute_dense_grad, bool):
+        compute_dense_grad = _constant(compute_dense_grad, "bool")
     return _ops.ipu_sparse_matmul(
         lhs, representation.metainfo, representation.nz_values, dense_grad_anchor,
-        tf.convert_to_tensor(compute_dense_grad, dtype=tf.bool),
-        output_size=spec.output_size, pooling_type=spec.pooling_type)
+        compute_dense_grad, output_size=spec.output_size, pooling_type=spec.pooling_type)
+
+
+_EAGER_CONSTANTS: dict = {}
+
+
+def _constant(value, dtype: str) -> tf.Tensor:
+    """`value` (a bool, or () for an empty [0, 0] anchor) as a tensor.
+
+    Made once per process when eager: each eager op costs about as much as the
+    small matmul it would feed (MNIST's 16x784x320 forward: 112 us per call
+    with them made afresh, 31 us without). In a graph it is a new constant.
+    """
+    def make():
+        return tf.zeros((0, 0), dtype=dtype) if value == () else tf.constant(value, dtype=dtype)
+    if not tf.executing_eagerly():
+        return make()
+    key = (value, dtype)
+    if key not in _EAGER_CONSTANTS:
+        _EAGER_CONSTANTS[key] = make()
+    return _EAGER_CONSTANTS[key]
 
 
 @tf.RegisterGradient("IpuSparseMatmul")
