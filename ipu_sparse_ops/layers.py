@@ -97,7 +97,7 @@ class SparseFcLayer(_FcLayer):
     def __init__(self, spec: MatmulSpec, triplets: Triplets, *, use_bias: bool = False,
                  relu: bool = False, name: str | None = None):
         super().__init__(spec, use_bias=use_bias, relu=relu, name=name)
-        rep = representation_from_triplets(spec, _in_slot_order(triplets)[0])
+        rep = representation_from_triplets(spec, in_slot_order(triplets)[0])
         self._metainfo_weight = self.add_weight(
             name="metainfo", shape=rep.metainfo.shape, dtype="int32", trainable=False,
             initializer=_constant(rep.metainfo))
@@ -165,7 +165,7 @@ class SparseFcLayer(_FcLayer):
             (all -1 if kept_from is None). Feed it to
             `Optimizer.follow_pattern`.
         """
-        ordered, perm = _in_slot_order(triplets)
+        ordered, perm = in_slot_order(triplets)
         rep = representation_from_triplets(self.spec, ordered)
         self.metainfo.assign(rep.metainfo)
         self.nz_values.assign(rep.nz_values)
@@ -297,7 +297,7 @@ def random_glorot_triplets(spec: MatmulSpec, density: float | None = None, *,
     return Triplets(rows, cols, values)
 
 
-def _in_slot_order(triplets: Triplets) -> tuple[Triplets, np.ndarray]:
+def in_slot_order(triplets: Triplets) -> tuple[Triplets, np.ndarray]:
     """Triplets sorted as the op stores them (by column, then row) and the permutation used."""
     rows = np.asarray(triplets.row_indices)
     cols = np.asarray(triplets.col_indices)

@@ -1,0 +1,425 @@
+"""Keras-native dynamic sparsity: a `SparseDense` layer and a `RigL` callback for `model.fit`.
+
+    model = keras.Sequential([keras.Input((784,)),
+                              SparseDense(320, density=0.1, activation="relu"),
+                              SparseDense(10, density=0.3)])
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=5, callbacks=[RigL(update_freq=500, seed=0)])
+
+`SparseDense` keeps its weight in the op's fixed-capacity form (an int32
+pattern variable and a values variable), so a new pattern is an assign and
+never a re-trace. `RigL` reuses `sparse_training`'s numpy logic: every
+`update_freq` steps it drops each layer's weakest connections and grows as
+many where the dense gradient of that step's batch is largest (or at random),
+carrying the optimizer's slots over: kept connections keep theirs, new ones
+start at zero, value included. `to_dense` turns a model into plain `Dense`
+layers for anything that cannot load the op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+from ipu_sparse_ops.tf_startup import tf
+
+from ipu_sparse_ops import ops, rigl, sparse_training
+from ipu_sparse_ops.layers import in_slot_order, random_glorot_triplets
+from ipu_sparse_ops.training_run import write_atomically
+from ipu_sparse_ops.sparse import (MatmulSpec, Representation, Triplets, capacity_for_density,
+                                   dense_from_triplets, representation_from_triplets,
+                                   triplets_from_representation)
+
+__all__ = ["SparseDense", "RigL", "sparse_layers", "to_dense"]
+
+POOLINGS = ("NONE", "SUM", "AVG", "MAX")
+
+
+def _constant(array: np.ndarray):
+    def initializer(shape, dtype=None):
+        return tf.constant(array, dtype=dtype)
+    return initializer
+
+
+@keras.saving.register_keras_serializable(package="ipu_sparse_ops")
+class SparseDense(keras.layers.Layer):
+    """`Dense` with a genuinely sparse kernel whose pattern may change every step.
+
+    Args:
+        units: output features.
+        density: fraction of the kernel's blocks that are connected, in (0, 1].
+        block_size: 1 (element-wise) or 4, 8, 16 (square blocks); both sizes
+            of the kernel must be multiples of it.
+        activation, use_bias: as for `keras.layers.Dense`.
+        pooling: how `RigL` ranks blocks: "NONE" sums |dL/dW| over each block
+            on the host, "SUM", "AVG" or "MAX" pool it inside the op.
+        seed: the initial pattern and values; None draws it from numpy's
+            global generator (which `keras.utils.set_random_seed` seeds).
+        meta_info_oversize: capacity headroom over the initial block count.
+
+    The weights are `metainfo` (the pattern, int32), `nz_values`
+    [capacity, block_size, block_size] (trainable, in the op's slot order),
+    `bias`, and, for `RigL`, `dense_grad` (the last dense gradient taken) and
+    `dense_grad_countdown` (steps until the next one is taken; 0: none due).
+    Inputs may have any rank >= 2; the last axis is the features.
+    """
+
+    def __init__(self, units: int, density: float, *, block_size: int = 1, activation=None,
+                 use_bias: bool = True, pooling: str = "NONE", seed: int | None = None,
+                 meta_info_oversize: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.units = int(units)
+        self.density = float(density)
+        self.block_size = int(block_size)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.pooling = pooling
+        self.seed = int(np.random.randint(2 ** 31)) if seed is None else int(seed)
+        self.meta_info_oversize = float(meta_info_oversize)
+        self.spec: MatmulSpec | None = None
+        self.traces = 0  # how often `call` was traced (the tests count re-traces)
+
+    def build(self, input_shape):
+        input_size = input_shape[-1]
+        if input_size is None:
+            raise ValueError(f"{self.name}: the last input dimension must be known")
+        bs = self.block_size
+        input_blocks, output_blocks = input_size // bs, self.units // bs
+        count, capacity = capacity_for_density(input_blocks, output_blocks, self.density,
+                                               self.meta_info_oversize)
+        data_type = "fp16" if self.compute_dtype == "float16" else "fp32"
+        self.spec = MatmulSpec(input_size, self.units, capacity, block_size=bs,
+                               data_type=data_type, pooling_type=self.pooling)
+        triplets = random_glorot_triplets(self.spec, count=count, seed=self.seed)
+        rep = representation_from_triplets(self.spec, in_slot_order(triplets)[0])
+        self.metainfo = self.add_weight(
+            name="metainfo", shape=rep.metainfo.shape, dtype="int32", trainable=False,
+            initializer=_constant(rep.metainfo))
+        self.nz_values = self.add_weight(
+            name="nz_values", shape=rep.nz_values.shape, initializer=_constant(rep.nz_values))
+        self.bias = (self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
+                     if self.use_bias else None)
+        self.dense_grad = self.add_weight(
+            name="dense_grad", shape=self.spec.dense_grad_shape, dtype="float32",
+            trainable=False, initializer="zeros")
+        self.dense_grad_countdown = self.add_weight(
+            name="dense_grad_countdown", shape=(), dtype="int32", trainable=False,
+            initializer="zeros")
+
+    def call(self, inputs, training=None):
+        self.traces += 1
+        spec = self.spec
+        x = tf.cast(inputs, self.compute_dtype)
+        leading = tf.shape(x)[:-1]
+        x = tf.reshape(x, (-1, spec.input_size))
+        metainfo = tf.convert_to_tensor(self.metainfo)
+        values = tf.cast(self.nz_values, self.compute_dtype)
+        if training:
+            y = self._matmul_taking_dense_grad(x, metainfo, values)
+        else:
+            y = ops.sparse_matmul(x, Representation(metainfo, values), spec)
+        if self.bias is not None:
+            y = tf.nn.bias_add(y, tf.cast(self.bias, self.compute_dtype))
+        y = self.activation(y)
+        return tf.reshape(y, tf.concat([leading, [self.units]], axis=0))
+
+    def _matmul_taking_dense_grad(self, x, metainfo, values):
+        """The op, whose backward also stores the dense gradient when `RigL` asked for it."""
+        spec = self.spec
+
+        @tf.custom_gradient
+        def matmul(x, values):
+            y = ops.sparse_matmul(x, Representation(metainfo, values), spec)
+
+            def backward(dy):
+                grad_x = ops._ops.ipu_sparse_matmul_grad_input(
+                    dy, metainfo, values, input_size=spec.input_size)
+                grad_values = ops._ops.ipu_sparse_matmul_grad_values(
+                    x, dy, metainfo, block_size=spec.block_size)
+                with tf.control_dependencies([self._take_dense_grad(x, dy)]):
+                    return tf.identity(grad_x), grad_values
+            return y, backward
+        return matmul(x, values)
+
+    def _take_dense_grad(self, x, dy):
+        """Counts the countdown down; at 1 stores this batch's dense gradient (a stateful op)."""
+        countdown = self.dense_grad_countdown.value
+        store = self.dense_grad.value
+        due = tf.equal(countdown.read_value(), 1)
+
+        def take():  # in float32: a float16 gradient of a scaled loss could overflow
+            grad = ops.dense_gradient(tf.cast(x, tf.float32), tf.cast(dy, tf.float32),
+                                      self.spec.block_size, self.spec.pooling_type)
+            with tf.control_dependencies([store.assign(grad)]):
+                return tf.constant(True)
+        taken = tf.cond(due, take, lambda: tf.constant(False))
+        with tf.control_dependencies([taken]):
+            return countdown.assign(tf.maximum(countdown - 1, 0), read_value=False)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=self.units, density=self.density, block_size=self.block_size,
+                      activation=keras.activations.serialize(self.activation),
+                      use_bias=self.use_bias, pooling=self.pooling, seed=self.seed,
+                      meta_info_oversize=self.meta_info_oversize)
+        return config
+
+    # ---- the pattern, on the host --------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.max_non_zero_blocks
+
+    @property
+    def nnz(self) -> int:
+        """Connected blocks now (the pattern's own count, not the configured density)."""
+        return int(self.metainfo.numpy()[self.spec.output_blocks])
+
+    def get_triplets(self) -> Triplets:
+        """The connections in slot order: index i is slot i of `nz_values` and its optimizer slots."""
+        rep = Representation(self.metainfo.numpy(), self.nz_values.numpy())
+        return triplets_from_representation(self.spec, rep)
+
+    def get_dense(self) -> np.ndarray:
+        """The kernel as a dense [input_size, units] numpy array."""
+        return dense_from_triplets(self.spec, self.get_triplets())
+
+    def set_triplets(self, triplets: Triplets, kept_from: np.ndarray | None = None) -> np.ndarray:
+        """Make `triplets` the kernel (an assign: nothing re-traces).
+
+        `kept_from[i]` is the slot (index in `get_triplets()`) connection i
+        continues, or -1. Returns, for each slot of the new pattern, the old
+        slot it continues or -1 (padding and new connections).
+        """
+        ordered, order = in_slot_order(triplets)
+        rep = representation_from_triplets(self.spec, ordered)
+        self.metainfo.assign(rep.metainfo)
+        self.nz_values.assign(rep.nz_values.astype(self.nz_values.dtype))
+        slot_kept_from = np.full(self.capacity, -1, dtype=np.int64)
+        if kept_from is not None:
+            slot_kept_from[:len(order)] = np.asarray(kept_from)[order]
+        return slot_kept_from
+
+
+def sparse_layers(model: keras.Model) -> list[SparseDense]:
+    """Every `SparseDense` inside `model`, nested ones included, in a stable order."""
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, SparseDense)]
+
+
+def optimizer_slots(optimizer, variable) -> list:
+    """The optimizer variables that hold per-element state of `variable` (momenta, moments).
+
+    Keras names them `<variable path with _ for />_<slot name>` with the
+    variable's shape (`Optimizer.add_variable_from_reference`); a
+    `LossScaleOptimizer` lists its inner optimizer's too.
+    """
+    prefix = variable.path.replace("/", "_") + "_"
+    return [v for v in optimizer.variables
+            if v.name.startswith(prefix) and tuple(v.shape) == tuple(variable.shape)]
+
+
+def follow_slots(optimizer, variable, slot_kept_from: np.ndarray) -> None:
+    """Re-align `variable`'s optimizer slots with a new pattern: kept slots move, new ones are 0."""
+    for slot in optimizer_slots(optimizer, variable):
+        slot.assign(sparse_training.follow_pattern(slot.numpy(), slot_kept_from))
+
+
+@keras.saving.register_keras_serializable(package="ipu_sparse_ops")
+class RigL(keras.callbacks.Callback):
+    """Prune and regrow every `SparseDense` of the model every `update_freq` training steps.
+
+    Args:
+        update_freq: training steps between two pattern updates; at least the
+            model's `steps_per_execution` (patterns change between executions).
+        prune_ratio: the share of each layer's connections the first update moves.
+        regrow: "rigl" (grow where |dL/dW| of the update step's batch is
+            largest, block-pooled for blocks), "random" (SET) or "none" (static).
+        schedule: "cosine" (the original's decay of the moved share over the
+            updates) or "constant".
+        stop_fraction: updates happen in the first `stop_fraction` of training.
+        seed: random regrowth; draws are keyed by (seed, update), so a resumed
+            run draws what an uninterrupted one would.
+        records_path: if set, each layer's pattern after every update is
+            written there (`<layer>_<update>.npz`: row_indices, col_indices,
+            values), atomically.
+        log_dir: if set, each update logs per layer its density, connections
+            moved and the moved share, and an image of the first layer's
+            connectivity, into `log_dir`/train: give it the log_dir of the
+            fit's `keras.callbacks.TensorBoard` to see them beside its curves.
+        total_steps: training steps of the whole fit; by default epochs x
+            steps per epoch, as `fit` reports them.
+        cosine_options: `zero_steps`, `phase_delay`, `period` of the cosine.
+
+    Without `log_dir` the same summaries go to the default summary writer, which
+    a TensorBoard callback with a batch-level `update_freq` sets during fit.
+    """
+
+    def __init__(self, update_freq: int, *, prune_ratio: float = 0.3, regrow: str = "rigl",
+                 schedule: str = "cosine", stop_fraction: float = 1.0, seed: int | None = None,
+                 records_path=None, log_dir=None, total_steps: int | None = None,
+                 cosine_options=None):
+        super().__init__()
+        if update_freq < 1:
+            raise ValueError(f"update_freq must be >= 1, got {update_freq}")
+        if not 0.0 <= prune_ratio <= 1.0:
+            raise ValueError(f"prune_ratio must be in [0, 1], got {prune_ratio}")
+        if regrow not in (*sparse_training.REGROW_METHODS, "none"):
+            raise ValueError(f"regrow must be one of {(*sparse_training.REGROW_METHODS, 'none')}, "
+                             f"got {regrow!r}")
+        if not 0.0 < stop_fraction <= 1.0:
+            raise ValueError(f"stop_fraction must be in (0, 1], got {stop_fraction}")
+        options = dict(cosine_options or {}) if schedule == "cosine" else {}
+        self.prune_count = sparse_training.prune_schedule(schedule, **options)
+        self.update_freq = int(update_freq)
+        self.prune_ratio = float(prune_ratio)
+        self.regrow = regrow
+        self.stop_fraction = float(stop_fraction)
+        self.seed = int(np.random.randint(2 ** 31)) if seed is None else int(seed)
+        self.records_path = records_path
+        self.log_dir = log_dir
+        self._writer = None
+        self.cosine_options = options
+        self.schedule_name = schedule
+        self.total_steps = total_steps
+        self.history: list[dict] = []  # one entry per update: step, t and per-layer moves
+        self._steps_done = None
+        self._due = None
+
+    def on_train_begin(self, logs=None):
+        self._layers = sparse_layers(self.model)
+        if not self._layers:
+            raise ValueError("RigL: the model has no SparseDense layer")
+        per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if self.update_freq < per_execution:
+            raise ValueError(f"RigL: update_freq {self.update_freq} is below the model's "
+                             f"steps_per_execution {per_execution}")
+        total = self.total_steps
+        if total is None:
+            steps, epochs = self.params.get("steps"), self.params.get("epochs")
+            if not steps or not epochs:
+                raise ValueError("RigL: fit does not know its steps per epoch; pass total_steps")
+            total = steps * epochs
+        self.update_schedule = sparse_training.UpdateSchedule(
+            self.update_freq, int(total * self.stop_fraction) // self.update_freq)
+        self._steps_done = None  # read at the first batch, after BackupAndRestore restored
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._steps_done is None:
+            self._steps_done = int(self.model.optimizer.iterations.numpy())
+        self._batch_begin = batch
+        self._due = None
+        if self.regrow == "none" or self.update_schedule.num_updates == 0:
+            return
+        per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        done = self._steps_done
+        for step in range(done + 1, done + per_execution + 1):
+            if self.update_schedule.is_update_step(step):
+                self._due = step
+                if self.regrow == "rigl":
+                    for layer in self._layers:
+                        layer.dense_grad_countdown.assign(step - done)
+                break
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps_done += batch - self._batch_begin + 1
+        if self._due is None or self._due > self._steps_done:
+            return
+        self._update(self._due)
+
+    def _update(self, step: int) -> None:
+        t = self.update_schedule.update_index(step)
+        T = self.update_schedule.num_updates
+        grads = {}
+        if self.regrow == "rigl":
+            grads = {layer.name: layer.dense_grad.numpy() for layer in self._layers}
+            for name, grad in grads.items():
+                rigl.check_finite(name, grad)  # before any layer changes
+        rng = np.random.default_rng([self.seed, t])
+        entry = {"step": step, "t": t, "layers": {}}
+        for layer in self._layers:
+            spec = layer.spec
+            triplets = layer.get_triplets()
+            n_prune = self.prune_count(t, T, self.prune_ratio, len(triplets.values))
+            grad = rigl.block_scores(spec, grads[layer.name]) if grads else None
+            new, kept_from = sparse_training.prune_and_regrow(
+                triplets, n_prune, self.regrow, shape=(spec.input_blocks, spec.output_blocks),
+                grad=grad, rng=rng)
+            slot_kept_from = layer.set_triplets(new, kept_from)
+            follow_slots(self.model.optimizer, layer.nz_values, slot_kept_from)
+            entry["layers"][layer.name] = {"moved": int(np.count_nonzero(kept_from < 0)),
+                                           "nnz": len(new.values)}
+            if self.records_path is not None:
+                self._write_record(layer, t, new)
+        self.history.append(entry)
+        self._log_summaries(step, t, T, entry)
+
+    def _write_record(self, layer: SparseDense, t: int, triplets: Triplets) -> None:
+        folder = Path(self.records_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = dict(row_indices=triplets.row_indices, col_indices=triplets.col_indices,
+                      values=triplets.values, block_size=np.array(layer.spec.block_size))
+        write_atomically(folder / f"{layer.name}_{t:05d}.npz",
+                         lambda f: np.savez(f, **arrays))
+
+    def _log_summaries(self, step: int, t: int, T: int, entry: dict) -> None:
+        """Into `log_dir`/train, else into the default writer a batch-level TensorBoard sets."""
+        if self.log_dir is not None and self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+        with (self._writer.as_default() if self._writer is not None
+              else contextlib.nullcontext()):
+            if not tf.summary.should_record_summaries():
+                return
+            share = self.prune_ratio * (sparse_training.cosine_schedule(t, T, **self.cosine_options)
+                                        if self.schedule_name == "cosine" else 1.0)
+            for layer in self._layers:
+                moved = entry["layers"][layer.name]
+                total = layer.spec.input_blocks * layer.spec.output_blocks
+                tf.summary.scalar(f"rigl/{layer.name}/density", moved["nnz"] / total, step=step)
+                tf.summary.scalar(f"rigl/{layer.name}/moved", moved["moved"], step=step)
+                tf.summary.scalar(f"rigl/{layer.name}/prune_fraction", share, step=step)
+            first = self._layers[0]
+            triplets = first.get_triplets()
+            mask = np.zeros((first.spec.input_blocks, first.spec.output_blocks), np.float32)
+            mask[triplets.row_indices, triplets.col_indices] = 1.0
+            tf.summary.image(f"rigl/{first.name}/connectivity", mask[None, :, :, None], step=step)
+
+    def get_config(self):
+        return {"update_freq": self.update_freq, "prune_ratio": self.prune_ratio,
+                "regrow": self.regrow, "stop_fraction": self.stop_fraction, "seed": self.seed,
+                "schedule": self.schedule_name, "records_path": self.records_path,
+                "log_dir": self.log_dir, "total_steps": self.total_steps,
+                "cosine_options": self.cosine_options}
+
+
+def to_dense(model: keras.Model) -> keras.Model:
+    """A copy of `model` with every `SparseDense` replaced by a `keras.layers.Dense`.
+
+    Same outputs; the result needs nothing of this project to load or serve.
+    Works for Sequential and functional models (`keras.models.clone_model`).
+    """
+    def clone(layer):
+        if not isinstance(layer, SparseDense):
+            return layer.__class__.from_config(layer.get_config())
+        return keras.layers.Dense(layer.units, activation=layer.activation,
+                                  use_bias=layer.use_bias, name=layer.name,
+                                  dtype=layer.dtype_policy)
+    dense = keras.models.clone_model(model, clone_function=clone)
+    for old, new in zip(model._flatten_layers(include_self=False, recursive=True),
+                        dense._flatten_layers(include_self=False, recursive=True)):
+        if isinstance(old, SparseDense):
+            weights = [old.get_dense()] + ([old.bias.numpy()] if old.use_bias else [])
+            new.set_weights(weights)
+        elif old.weights:
+            new.set_weights(old.get_weights())
+    return dense
