@@ -6,6 +6,8 @@
 # make test-slow  the longer training runs
 # make clean   removes what make built
 PYTHON ?= python3
+# The scripts import this checkout's packages (a user may `pip install .` instead).
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 MAKEFLAGS += --no-builtin-rules
 .SUFFIXES:
 BUILD := build

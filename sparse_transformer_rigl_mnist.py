@@ -35,21 +35,20 @@ The defaults are the original's (batch 2, one epoch, test accuracy >= 0.85);
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # repo root; no PYTHONPATH needed
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import logging
+import math
+import tempfile
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from ipu_sparse_ops import sparse_training  # noqa: E402
-from ipu_sparse_ops.cli import ArgumentParser  # noqa: E402
-from ipu_sparse_ops.ipu_only_flags import IPU_ONLY, IpuOnlyFlag  # noqa: E402
-from ipu_sparse_ops.training_run import (  # noqa: E402
+from ipu_sparse_ops import sparse_training
+from ipu_sparse_ops.cli import ArgumentParser
+from ipu_sparse_ops.ipu_only_flags import IPU_ONLY, IpuOnlyFlag
+from ipu_sparse_ops.training_run import (
     SegmentPlan, TrainingError, UsageError, check_writable_dir, make_segment_loop, parse_flags,
     report_failure, write_atomically)
 

@@ -34,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root; no PYTHONPATH needed
-from ipu_sparse_ops.training_run import write_atomically  # noqa: E402
+from ipu_sparse_ops.training_run import write_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ and `--resume-latest` after a kill ends bit for bit where the uninterrupted run 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root; no PYTHONPATH needed
 
 import argparse
 import contextlib

@@ -1,6 +1,12 @@
 """One line at the start of every run: which kernels and which dense TensorFlow."""
 
 import os
+from pathlib import Path
+
+# The scripts the tests start import this checkout's packages, as `pip install .`
+# or PYTHONPATH would give them to a user.
+REPO = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (REPO, os.environ.get("PYTHONPATH"))))
 
 
 def pytest_sessionstart(session):

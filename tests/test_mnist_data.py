@@ -392,7 +392,8 @@ def test_prepare_reports_pip_failure(env, monkeypatch):
 
 
 def run_cli(args, tmp_path):
-    env = {"HOME": str(tmp_path / "home"), md.DATA_DIR_ENV: str(tmp_path / "data"), "PATH": ""}
+    env = {"HOME": str(tmp_path / "home"), md.DATA_DIR_ENV: str(tmp_path / "data"), "PATH": "",
+           "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(
         [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
     )

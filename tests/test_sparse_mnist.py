@@ -71,7 +71,7 @@ def records(folder):
 
 
 def script_env():
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = dict(os.environ, PYTHONPATH=str(REPO))  # as `pip install .` would provide
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
 

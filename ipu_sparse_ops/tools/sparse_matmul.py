@@ -10,10 +10,7 @@ exits 0, or prints the worst mismatch and exits 1.
 
 from __future__ import annotations
 
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 
 import numpy as np
 

@@ -29,12 +29,9 @@ from __future__ import annotations
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO_ROOT)  # run as a script without PYTHONPATH
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from ipu_sparse_ops.cli import ArgumentParser  # noqa: E402
+from ipu_sparse_ops.cli import ArgumentParser
 
 PARTS = ("ffn", "attention", "encoder")
 # Relative to the largest |value| of each dense result.
