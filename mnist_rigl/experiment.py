@@ -21,12 +21,12 @@ Two recipes:
     project   this project's recipe, the flags `make mnist` passes (PROJECT_FLAGS)
 
 Examples:
-    python mnist_rigl/experiment.py --output sweep/results.json
-    python mnist_rigl/experiment.py --recipe original --densities 0.01 1
-    python mnist_rigl/experiment.py --sweep density --seeds 1
-    python mnist_rigl/experiment.py --sweep block --seeds 1 --epochs 5
-    python mnist_rigl/experiment.py --output adam.json -- --optimizer Adam
-    python mnist_rigl/result_plotter.py --results sweep/results.json
+    python -m mnist_rigl.experiment --output sweep/results.json
+    python -m mnist_rigl.experiment --recipe original --densities 0.01 1
+    python -m mnist_rigl.experiment --sweep density --seeds 1
+    python -m mnist_rigl.experiment --sweep block --seeds 1 --epochs 5
+    python -m mnist_rigl.experiment --output adam.json -- --optimizer Adam
+    python -m mnist_rigl.result_plotter --results sweep/results.json
 """
 
 import argparse
@@ -47,7 +47,6 @@ from ipu_sparse_ops.training_run import write_atomically
 logger = logging.getLogger("experiment")
 
 PROG = "experiment.py"
-SCRIPT = Path(__file__).resolve().with_name("sparse_mnist.py")
 RESULTS_VERSION = 2
 VARIANTS = ("dense", "static", "random", "rigl")
 SWEEPS = ("seeds", "density", "block")
@@ -150,7 +149,8 @@ def run_one(run: dict, log_dir: Path) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="experiment_ckpt_") as ckpt:
         # Our --checkpoint-path first, so one in the extra flags still wins.
-        command = [sys.executable, str(SCRIPT), "--checkpoint-path", ckpt, *run["args"]]
+        command = [sys.executable, "-m", "mnist_rigl.sparse_mnist", "--checkpoint-path", ckpt,
+                   *run["args"]]
         proc = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     log = log_dir / _log_name(run)
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
                     args.sweep, args.recipe, len(runs), len(runs) - len(todo), len(todo))
         if args.dry_run:
             for run in todo:
-                print(shlex.join(["python", "mnist_rigl/sparse_mnist.py", *run["args"]]))
+                print(shlex.join(["python", "-m", "mnist_rigl.sparse_mnist", *run["args"]]))
             return 0
         save_results(args.output, results)  # the new tags, before the first run
         failed = 0
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     if failed:
         print(f"{PROG}: error: {failed} run(s) failed; rerun to retry them", file=sys.stderr)
         return 1
-    logger.info("results in %s; plot them with: python mnist_rigl/result_plotter.py "
+    logger.info("results in %s; plot them with: python -m mnist_rigl.result_plotter "
                 "--results %s", args.output, args.output)
     return 0
 

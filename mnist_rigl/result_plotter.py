@@ -10,7 +10,7 @@ test accuracy against fc1 density and against fc1 block size, one line per
 sparse variant and the dense model as a horizontal line at its mean.
 
 Example:
-    python mnist_rigl/result_plotter.py --results sweep/results.json --output-dir docs
+    python -m mnist_rigl.result_plotter --results sweep/results.json --output-dir docs
 """
 
 import argparse

@@ -15,9 +15,9 @@ learning-rate schedule, its records and checkpoints. This project's better
 recipe is a few flags away (see `make mnist`).
 
 Examples:
-    python mnist_rigl/sparse_mnist.py --densities 0.1 0.3 --records-path rigl_records
-    python mnist_rigl/sparse_mnist.py --restore 20240101-120000 --start-epoch 4
-    python mnist_rigl/sparse_mnist.py --checkpoint-path ckpt --resume-latest
+    python -m mnist_rigl.sparse_mnist --densities 0.1 0.3 --records-path rigl_records
+    python -m mnist_rigl.sparse_mnist --restore 20240101-120000 --start-epoch 4
+    python -m mnist_rigl.sparse_mnist --checkpoint-path ckpt --resume-latest
 
 Runs are deterministic for a seed: shuffling and random regrowth come from a
 seeded numpy generator, dropout from stateless random ops seeded by the step,

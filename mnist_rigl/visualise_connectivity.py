@@ -13,8 +13,8 @@ x[:, perm]). When that file is present, for either kind of record, the counts
 are put back in image order so the pictures show the digit's layout.
 
 Examples:
-    python mnist_rigl/visualise_connectivity.py --records-path rigl_records
-    python mnist_rigl/visualise_connectivity.py --records-path rigl_records --animate
+    python -m mnist_rigl.visualise_connectivity --records-path rigl_records
+    python -m mnist_rigl.visualise_connectivity --records-path rigl_records --animate
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def test_resume_skips_finished_runs_and_tags_shared_ones(tmp_path, capsys):
     write_results(results, [fake_record("dense", 1, 0.98, sweeps=["seeds"]),
                             fake_record("rigl", 1, 0.97)])
     assert experiment.main(["--output", str(results), "--dry-run", "--seeds", "1", "2"]) == 0
-    todo = [line for line in capsys.readouterr().out.splitlines() if "sparse_mnist.py" in line]
+    todo = [line for line in capsys.readouterr().out.splitlines() if "mnist_rigl.sparse_mnist" in line]
     assert len(todo) == 6 and not any("--densities 1 1 --seed 1 " in t for t in todo)
     # The block sweep needs the same dense run: not rerun, but tagged as the block's too.
     assert experiment.main(["--output", str(results), "--sweep", "block", "--seeds", "1",

@@ -308,7 +308,7 @@ def test_nothing_found_names_every_source(env):
     assert isinstance(info.value, RuntimeError)
     for expected in (str(env.keras_npz), str(env.project_npz), str(env.wheel)):
         assert expected in message
-    assert "python mnist_rigl/mnist_data.py --prepare" in message
+    assert "python -m mnist_rigl.mnist_data --prepare" in message
     assert "--data-dir" in message
 
 
@@ -428,7 +428,7 @@ def real_mnist_present():
 
 
 @pytest.mark.skipif(
-    not real_mnist_present(), reason="no MNIST here: run python mnist_rigl/mnist_data.py --prepare"
+    not real_mnist_present(), reason="no MNIST here: run python -m mnist_rigl.mnist_data --prepare"
 )
 def test_real_mnist():
     x_train, y_train, x_test, y_test = md.load_mnist()

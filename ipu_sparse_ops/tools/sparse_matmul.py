@@ -5,7 +5,7 @@ gradient, dense or pooled gradient) and the same computation with tf.matmul
 on the equivalent dense weight, and compares. Prints `Results match.` and
 exits 0, or prints the worst mismatch and exits 1.
 
-    PYTHONPATH=./ python ipu_sparse_ops/tools/sparse_matmul.py --input-size 64 --block-size 8
+    python -m ipu_sparse_ops.tools.sparse_matmul --input-size 64 --block-size 8
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ against their layer's kernel gradient too: the key bias gradient is zero in
 exact arithmetic, so only its round-off is left to compare. Prints `All results match.`
 and exits 0, or prints every mismatch and exits 1.
 
-    python ipu_sparse_ops/tools/transformer_numerics.py
-    python ipu_sparse_ops/tools/transformer_numerics.py --data-type fp16 --block-size 8 \\
+    python -m ipu_sparse_ops.tools.transformer_numerics
+    python -m ipu_sparse_ops.tools.transformer_numerics --data-type fp16 --block-size 8 \\
         --sparsity 0.5 --pooling-type SUM
 """
 
