@@ -27,7 +27,7 @@ import numpy as np
 from ipu_sparse_ops.tf_startup import tf
 
 from ipu_sparse_ops import ops, rigl, sparse_training
-from ipu_sparse_ops.layers import in_slot_order, random_glorot_triplets
+from ipu_sparse_ops.layers import constant_initializer, in_slot_order, random_glorot_triplets
 from ipu_sparse_ops.training_run import write_atomically
 from ipu_sparse_ops.sparse import (MatmulSpec, Representation, Triplets, capacity_for_density,
                                    dense_from_triplets, representation_from_triplets,
@@ -36,12 +36,6 @@ from ipu_sparse_ops.sparse import (MatmulSpec, Representation, Triplets, capacit
 __all__ = ["SparseDense", "RigL", "sparse_layers", "to_dense"]
 
 POOLINGS = ("NONE", "SUM", "AVG", "MAX")
-
-
-def _constant(array: np.ndarray):
-    def initializer(shape, dtype=None):
-        return tf.constant(array, dtype=dtype)
-    return initializer
 
 
 @keras.saving.register_keras_serializable(package="ipu_sparse_ops")
@@ -101,9 +95,9 @@ class SparseDense(keras.layers.Layer):
         rep = representation_from_triplets(self.spec, in_slot_order(triplets)[0])
         self.metainfo = self.add_weight(
             name="metainfo", shape=rep.metainfo.shape, dtype="int32", trainable=False,
-            initializer=_constant(rep.metainfo))
+            initializer=constant_initializer(rep.metainfo))
         self.nz_values = self.add_weight(
-            name="nz_values", shape=rep.nz_values.shape, initializer=_constant(rep.nz_values))
+            name="nz_values", shape=rep.nz_values.shape, initializer=constant_initializer(rep.nz_values))
         self.bias = (self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
                      if self.use_bias else None)
         self.dense_grad = self.add_weight(
@@ -117,8 +111,10 @@ class SparseDense(keras.layers.Layer):
         self.traces += 1
         spec = self.spec
         x = tf.cast(inputs, self.compute_dtype)
-        leading = tf.shape(x)[:-1]
-        x = tf.reshape(x, (-1, spec.input_size))
+        tokens = x.shape.rank != 2  # [..., features]: the op takes a matrix
+        if tokens:
+            leading = tf.shape(x)[:-1]
+            x = tf.reshape(x, (-1, spec.input_size))
         metainfo = tf.convert_to_tensor(self.metainfo)
         values = tf.cast(self.nz_values, self.compute_dtype)
         if training:
@@ -128,7 +124,7 @@ class SparseDense(keras.layers.Layer):
         if self.bias is not None:
             y = tf.nn.bias_add(y, tf.cast(self.bias, self.compute_dtype))
         y = self.activation(y)
-        return tf.reshape(y, tf.concat([leading, [self.units]], axis=0))
+        return tf.reshape(y, tf.concat([leading, [self.units]], axis=0)) if tokens else y
 
     def _matmul_taking_dense_grad(self, x, metainfo, values):
         """The op, whose backward also stores the dense gradient when `RigL` asked for it."""

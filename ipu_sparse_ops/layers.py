@@ -45,7 +45,7 @@ def glorot_limit(fan_in: int, fan_out: int, density: float) -> float:
     return math.sqrt(6.0 / ((fan_in + fan_out) * density))
 
 
-def _constant(array: np.ndarray):
+def constant_initializer(array: np.ndarray):
     """A Keras initializer returning `array` (shape and dtype are checked by Keras)."""
     def initializer(shape, dtype=None):
         return tf.constant(array, dtype=dtype)
@@ -100,10 +100,10 @@ class SparseFcLayer(_FcLayer):
         rep = representation_from_triplets(spec, in_slot_order(triplets)[0])
         self._metainfo_weight = self.add_weight(
             name="metainfo", shape=rep.metainfo.shape, dtype="int32", trainable=False,
-            initializer=_constant(rep.metainfo))
+            initializer=constant_initializer(rep.metainfo))
         self._nz_values_weight = self.add_weight(
             name="nz_values", shape=rep.nz_values.shape, dtype=spec.data_type_tf,
-            initializer=_constant(rep.nz_values))
+            initializer=constant_initializer(rep.nz_values))
         self._anchor_weight = self.add_weight(
             name="dense_grad_anchor", shape=spec.dense_grad_shape, dtype=spec.data_type_tf,
             trainable=False, initializer="zeros")
@@ -217,7 +217,7 @@ class DenseFcLayer(_FcLayer):
                              f"{(spec.input_size, spec.output_size)}")
         self._kernel_weight = self.add_weight(
             name="kernel", shape=kernel.shape, dtype=spec.data_type_tf,
-            initializer=_constant(kernel))
+            initializer=constant_initializer(kernel))
         self.kernel = self._kernel_weight.value
         self.dense_grad_anchor = self.kernel
         self.nnz = spec.input_blocks * spec.output_blocks
