@@ -53,6 +53,8 @@ class SparseDense(keras.layers.Layer):
         seed: the initial pattern and values; None draws it from numpy's
             global generator (which `keras.utils.set_random_seed` seeds).
         meta_info_oversize: capacity headroom over the initial block count.
+        kernel_regularizer: as for `Dense`, applied to the connected values
+            (e.g. `keras.regularizers.L2(wd / 2)` adds wd * w to their gradient).
 
     The weights are `metainfo` (the pattern, int32), `nz_values`
     [capacity, block_size, block_size] (trainable, in the op's slot order),
@@ -63,7 +65,7 @@ class SparseDense(keras.layers.Layer):
 
     def __init__(self, units: int, density: float, *, block_size: int = 1, activation=None,
                  use_bias: bool = True, pooling: str = "NONE", seed: int | None = None,
-                 meta_info_oversize: float = 0.0, **kwargs):
+                 meta_info_oversize: float = 0.0, kernel_regularizer=None, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 < density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {density}")
@@ -77,6 +79,7 @@ class SparseDense(keras.layers.Layer):
         self.pooling = pooling
         self.seed = int(np.random.randint(2 ** 31)) if seed is None else int(seed)
         self.meta_info_oversize = float(meta_info_oversize)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.spec: MatmulSpec | None = None
         self.traces = 0  # how often `call` was traced (the tests count re-traces)
 
@@ -97,7 +100,8 @@ class SparseDense(keras.layers.Layer):
             name="metainfo", shape=rep.metainfo.shape, dtype="int32", trainable=False,
             initializer=constant_initializer(rep.metainfo))
         self.nz_values = self.add_weight(
-            name="nz_values", shape=rep.nz_values.shape, initializer=constant_initializer(rep.nz_values))
+            name="nz_values", shape=rep.nz_values.shape,
+            initializer=constant_initializer(rep.nz_values), regularizer=self.kernel_regularizer)
         self.bias = (self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
                      if self.use_bias else None)
         self.dense_grad = self.add_weight(
@@ -167,7 +171,8 @@ class SparseDense(keras.layers.Layer):
         config.update(units=self.units, density=self.density, block_size=self.block_size,
                       activation=keras.activations.serialize(self.activation),
                       use_bias=self.use_bias, pooling=self.pooling, seed=self.seed,
-                      meta_info_oversize=self.meta_info_oversize)
+                      meta_info_oversize=self.meta_info_oversize,
+                      kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer))
         return config
 
     # ---- the pattern, on the host --------------------------------------------------------
@@ -256,6 +261,9 @@ class RigL(keras.callbacks.Callback):
         total_steps: training steps of the whole fit; by default epochs x
             steps per epoch, as `fit` reports them.
         cosine_options: `zero_steps`, `phase_delay`, `period` of the cosine.
+        update_at_end: False skips an update due at the last training step
+            (nothing would train on it) while keeping the schedule's length,
+            as the original transformer script numbers its updates.
 
     Without `log_dir` the same summaries go to the default summary writer, which
     a TensorBoard callback with a batch-level `update_freq` sets during fit.
@@ -264,7 +272,7 @@ class RigL(keras.callbacks.Callback):
     def __init__(self, update_freq: int, *, prune_ratio: float = 0.3, regrow: str = "rigl",
                  schedule: str = "cosine", stop_fraction: float = 1.0, seed: int | None = None,
                  records_path=None, log_dir=None, total_steps: int | None = None,
-                 cosine_options=None):
+                 cosine_options=None, update_at_end: bool = True):
         super().__init__()
         if update_freq < 1:
             raise ValueError(f"update_freq must be >= 1, got {update_freq}")
@@ -288,6 +296,7 @@ class RigL(keras.callbacks.Callback):
         self.cosine_options = options
         self.schedule_name = schedule
         self.total_steps = total_steps
+        self.update_at_end = bool(update_at_end)
         self.history: list[dict] = []  # one entry per update: step, t and per-layer moves
         self._steps_done = None
         self._due = None
@@ -308,6 +317,7 @@ class RigL(keras.callbacks.Callback):
             total = steps * epochs
         self.update_schedule = sparse_training.UpdateSchedule(
             self.update_freq, int(total * self.stop_fraction) // self.update_freq)
+        self._last_step = total
         self._steps_done = None  # read at the first batch, after BackupAndRestore restored
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -320,7 +330,8 @@ class RigL(keras.callbacks.Callback):
         per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
         done = self._steps_done
         for step in range(done + 1, done + per_execution + 1):
-            if self.update_schedule.is_update_step(step):
+            if self.update_schedule.is_update_step(step) and (
+                    self.update_at_end or step != self._last_step):
                 self._due = step
                 if self.regrow == "rigl":
                     for layer in self._layers:
@@ -395,7 +406,7 @@ class RigL(keras.callbacks.Callback):
                 "regrow": self.regrow, "stop_fraction": self.stop_fraction, "seed": self.seed,
                 "schedule": self.schedule_name, "records_path": self.records_path,
                 "log_dir": self.log_dir, "total_steps": self.total_steps,
-                "cosine_options": self.cosine_options}
+                "cosine_options": self.cosine_options, "update_at_end": self.update_at_end}
 
 
 def to_dense(model: keras.Model) -> keras.Model:
