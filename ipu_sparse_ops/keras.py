@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
-import keras
 import numpy as np
-from ipu_sparse_ops.tf_startup import tf
+from ipu_sparse_ops.tf_startup import tf  # before keras: it imports TensorFlow
+import keras
 
 from ipu_sparse_ops import ops, rigl, sparse_training
 from ipu_sparse_ops.layers import constant_initializer, in_slot_order, random_glorot_triplets
@@ -297,7 +298,7 @@ class RigL(keras.callbacks.Callback):
         self.schedule_name = schedule
         self.total_steps = total_steps
         self.update_at_end = bool(update_at_end)
-        self.history: list[dict] = []  # one entry per update: step, t and per-layer moves
+        self.history: list[dict] = []  # per update: step, t, per-layer moves, seconds
         self._steps_done = None
         self._due = None
 
@@ -345,6 +346,7 @@ class RigL(keras.callbacks.Callback):
         self._update(self._due)
 
     def _update(self, step: int) -> None:
+        started = time.perf_counter()
         t = self.update_schedule.update_index(step)
         T = self.update_schedule.num_updates
         grads = {}
@@ -368,6 +370,7 @@ class RigL(keras.callbacks.Callback):
                                            "nnz": len(new.values)}
             if self.records_path is not None:
                 self._write_record(layer, t, new)
+        entry["seconds"] = time.perf_counter() - started
         self.history.append(entry)
         self._log_summaries(step, t, T, entry)
 

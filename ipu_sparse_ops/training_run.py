@@ -108,6 +108,50 @@ def make_segment_loop(step_fn: Callable, anchors: Sequence) -> Callable:
 
     return train_segment
 
+def batch_dataset(x, y, *, batch_size: int, batches_per_pass: int, seed: int,
+                  first_step: int = 0):
+    """An endless tf.data dataset of (x, y) training batches, the same for a seed on every run.
+
+    Pass p over the data is a stateless shuffle keyed by (seed, p), cut into
+    its first `batches_per_pass` batches; global step g trains on batch
+    g % batches_per_pass of pass g // batches_per_pass. A run resumed at step
+    `first_step` therefore sees exactly the batches the uninterrupted run saw,
+    with no shuffling state to save.
+    """
+    from ipu_sparse_ops.tf_startup import tf
+
+    n = len(x)
+    if batches_per_pass * batch_size > n:
+        raise ValueError(f"{batches_per_pass} batches of {batch_size} need more than {n} samples")
+    x, y = tf.constant(x), tf.constant(y)
+    first_pass, skip = divmod(first_step, batches_per_pass)
+    seed = tf.constant(seed % 2 ** 63, tf.int64)
+
+    def batches_of_pass(p):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([seed, p]))
+        used = tf.reshape(order[:batches_per_pass * batch_size], (batches_per_pass, batch_size))
+        return tf.data.Dataset.from_tensor_slices(used)
+
+    indices = tf.data.Dataset.range(first_pass, 2 ** 62).flat_map(batches_of_pass).skip(skip)
+    return indices.map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(2)
+
+
+def save_model_atomically(model, path: Path) -> None:
+    """`model.save` (a .keras file, optimizer included) to a temp file beside `path`, renamed."""
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX + path.stem, suffix=".keras")
+    os.close(fd)
+    try:
+        model.save(temp)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
 def write_atomically(path: Path, write: Callable, mode: int | None = None) -> None:
     """Call write(binary file) on a temp file beside `path`, then rename it into place.
 
