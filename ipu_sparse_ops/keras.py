@@ -34,7 +34,7 @@ from ipu_sparse_ops.sparse import (MatmulSpec, Representation, Triplets, capacit
                                    dense_from_triplets, representation_from_triplets,
                                    triplets_from_representation)
 
-__all__ = ["SparseDense", "RigL", "sparse_layers", "to_dense"]
+__all__ = ["SparseDense", "RigL", "SeededDropout", "sparse_layers", "to_dense"]
 
 POOLINGS = ("NONE", "SUM", "AVG", "MAX")
 
@@ -211,6 +211,42 @@ class SparseDense(keras.layers.Layer):
         if kept_from is not None:
             slot_kept_from[:len(order)] = np.asarray(kept_from)[order]
         return slot_kept_from
+
+
+@keras.saving.register_keras_serializable(package="ipu_sparse_ops")
+class SeededDropout(keras.layers.Layer):
+    """`Dropout` whose random state is a saved weight: a resumed run draws the same masks.
+
+    Keras's `Dropout` keeps its generator's state out of `.keras` files and
+    checkpoints, so a run restored from one draws other masks than the run it
+    continues. Here the k-th training call draws its mask from a stateless
+    generator keyed by (seed, k), and k is a weight like any other.
+    """
+
+    def __init__(self, rate: float, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"rate must be in [0, 1), got {rate}")
+        self.rate, self.seed = float(rate), int(seed)
+
+    def build(self, input_shape):
+        self.calls = self.add_weight(name="calls", shape=(), dtype="int64", trainable=False,
+                                     initializer="zeros")
+
+    def call(self, inputs, training=None):
+        if not training or self.rate == 0.0:
+            return inputs
+        key = tf.stack([tf.constant(self.seed % 2 ** 63, tf.int64), self.calls.value])
+        self.calls.assign_add(1)
+        keep = tf.random.stateless_uniform(tf.shape(inputs), seed=key) >= self.rate
+        kept = inputs / tf.constant(1.0 - self.rate, inputs.dtype)
+        return tf.where(keep, kept, tf.zeros_like(inputs))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 def sparse_layers(model: keras.Model) -> list[SparseDense]:

@@ -356,3 +356,37 @@ def test_tensorboard_gets_density_moves_share_and_connectivity(tmp_path):
     for tag in ("density", "moved", "prune_fraction", "connectivity"):
         assert tags.get(f"rigl/{name}/{tag}") == [2, 4], tags.keys()
     assert "epoch_loss" in tags  # TensorBoard's own curves, in the same folder
+
+
+def test_kernel_regularizer_adds_weight_decay_to_the_values_gradient():
+    decay, lr = 0.1, 0.5
+    model, layer = one_layer_model(kernel_regularizer=keras.regularizers.L2(decay / 2))
+    x, c = data()
+    before = layer.get_dense()
+    model.compile(keras.optimizers.SGD(lr), linear_loss)
+    model.fit(x, c, batch_size=N, epochs=1, verbose=0)
+    mask = mask_of(layer)
+    step = x.T.astype(np.float64) @ c / (N * OUT) + decay * before
+    np.testing.assert_allclose(layer.get_dense(), np.where(mask, before - lr * step, 0.0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_dropout_masks_scale_and_resume_from_a_saved_model(tmp_path):
+    from ipu_sparse_ops.keras import SeededDropout
+
+    def model():
+        return keras.Sequential([keras.Input((1000,)), SeededDropout(0.3, seed=7)])
+    x = np.ones((4, 1000), np.float32)
+    first = model()
+    np.testing.assert_array_equal(first(x, training=False), x)
+    masks = [first(x, training=True).numpy() for _ in range(3)]
+    for mask in masks:  # each element dropped or scaled by 1 / (1 - rate)
+        assert set(np.unique(mask)) <= {0.0, np.float32(1 / 0.7)}
+        assert abs(np.mean(mask == 0) - 0.3) < 0.02
+    assert not np.array_equal(masks[0], masks[1])
+    again = model()
+    again(x, training=True)
+    again.save(tmp_path / "d.keras")
+    resumed = keras.models.load_model(tmp_path / "d.keras")
+    np.testing.assert_array_equal(resumed(x, training=True), masks[1])
+    np.testing.assert_array_equal(resumed(x, training=True), masks[2])
