@@ -358,8 +358,9 @@ class RigL(keras.callbacks.Callback):
         self._steps_done = None  # read at the first batch, after BackupAndRestore restored
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._steps_done is None:
-            self._steps_done = int(self.model.optimizer.iterations.numpy())
+        if self._steps_done is None:  # iterations counts applied updates, not micro-batches
+            accumulation = getattr(self.model.optimizer, "gradient_accumulation_steps", None)
+            self._steps_done = int(self.model.optimizer.iterations.numpy()) * (accumulation or 1)
         self._batch_begin = batch
         self._due = None
         if self.regrow == "none" or self.update_schedule.num_updates == 0:

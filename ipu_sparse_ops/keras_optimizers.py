@@ -70,23 +70,29 @@ def adam_epsilon(options: dict, dtype: str) -> float:
     return ADAM_FLOAT16_EPSILON if dtype == "float16" else ADAM_EPSILON
 
 
-def make_optimizer(name: str, learning_rate, *, dtype: str = "float32", **options):
+def make_optimizer(name: str, learning_rate, *, dtype: str = "float32",
+                   gradient_accumulation_steps: int = 1, **options):
     """The Keras optimizer for the original's `name` and `options` (see `check_options`).
 
     `learning_rate` is a float or a `keras.optimizers.schedules.LearningRateSchedule`;
-    `dtype` is the weights' (it picks Adam's default epsilon).
+    `dtype` is the weights' (it picks Adam's default epsilon); with
+    `gradient_accumulation_steps` N > 1 the optimizer applies the mean gradient
+    of every N batches once.
     """
     import keras
 
     name = optimizer_name(name)
     full = check_options(name, options)
+    common = {"gradient_accumulation_steps": gradient_accumulation_steps
+              if gradient_accumulation_steps > 1 else None}
     if name == "GradientDescent":
-        return keras.optimizers.SGD(learning_rate)
+        return keras.optimizers.SGD(learning_rate, **common)
     if name == "Momentum":
         return keras.optimizers.SGD(learning_rate, momentum=float(full["momentum"]),
-                                    nesterov=full["use_nesterov"])
+                                    nesterov=full["use_nesterov"], **common)
     return keras.optimizers.Adam(learning_rate, beta_1=float(full["beta1"]),
-                                 beta_2=float(full["beta2"]), epsilon=adam_epsilon(full, dtype))
+                                 beta_2=float(full["beta2"]), epsilon=adam_epsilon(full, dtype),
+                                 **common)
 
 
 def parse_optimizer_args(args: Sequence[str] | None) -> dict[str, object]:
