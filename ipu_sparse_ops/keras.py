@@ -46,8 +46,12 @@ class SparseDense(keras.layers.Layer):
     Args:
         units: output features.
         density: fraction of the kernel's blocks that are connected, in (0, 1].
-        block_size: 1 (element-wise) or 4, 8, 16 (square blocks); both sizes
-            of the kernel must be multiples of it.
+        block_size: 1 (element-wise) or 4, 8, 16 (square blocks). Sizes that
+            are not multiples of it are padded up: the op works on the padded
+            kernel, `call` pads the input with zero features and drops the
+            surplus outputs, and the part of each block in the padding is zero
+            from the start and after every `set_triplets`, so it never
+            carries anything (`RigL` ranks such blocks per real element).
         activation, use_bias: as for `keras.layers.Dense`.
         pooling: how `RigL` ranks blocks: "NONE" sums |dL/dW| over each block
             on the host, "SUM", "AVG" or "MAX" pool it inside the op.
@@ -61,7 +65,8 @@ class SparseDense(keras.layers.Layer):
     [capacity, block_size, block_size] (trainable, in the op's slot order),
     `bias`, and, for `RigL`, `dense_grad` (the last dense gradient taken) and
     `dense_grad_countdown` (steps until the next one is taken; 0: none due).
-    Inputs may have any rank >= 2; the last axis is the features.
+    Inputs may have any rank >= 2; the last axis is the features. `spec`
+    holds the padded sizes, `input_size` and `units` the real ones.
     """
 
     def __init__(self, units: int, density: float, *, block_size: int = 1, activation=None,
@@ -82,6 +87,7 @@ class SparseDense(keras.layers.Layer):
         self.meta_info_oversize = float(meta_info_oversize)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.spec: MatmulSpec | None = None
+        self.input_size: int | None = None
         self.traces = 0  # how often `call` was traced (the tests count re-traces)
 
     def build(self, input_shape):
@@ -89,13 +95,15 @@ class SparseDense(keras.layers.Layer):
         if input_size is None:
             raise ValueError(f"{self.name}: the last input dimension must be known")
         bs = self.block_size
-        input_blocks, output_blocks = input_size // bs, self.units // bs
+        self.input_size = int(input_size)
+        input_blocks, output_blocks = -(-self.input_size // bs), -(-self.units // bs)
         count, capacity = capacity_for_density(input_blocks, output_blocks, self.density,
                                                self.meta_info_oversize)
         data_type = "fp16" if self.compute_dtype == "float16" else "fp32"
-        self.spec = MatmulSpec(input_size, self.units, capacity, block_size=bs,
+        self.spec = MatmulSpec(input_blocks * bs, output_blocks * bs, capacity, block_size=bs,
                                data_type=data_type, pooling_type=self.pooling)
-        triplets = random_glorot_triplets(self.spec, count=count, seed=self.seed)
+        triplets = self._zero_padding(random_glorot_triplets(self.spec, count=count,
+                                                             seed=self.seed))
         rep = representation_from_triplets(self.spec, in_slot_order(triplets)[0])
         self.metainfo = self.add_weight(
             name="metainfo", shape=rep.metainfo.shape, dtype="int32", trainable=False,
@@ -119,13 +127,17 @@ class SparseDense(keras.layers.Layer):
         tokens = x.shape.rank != 2  # [..., features]: the op takes a matrix
         if tokens:
             leading = tf.shape(x)[:-1]
-            x = tf.reshape(x, (-1, spec.input_size))
+            x = tf.reshape(x, (-1, self.input_size))
+        if spec.input_size > self.input_size:
+            x = tf.pad(x, [[0, 0], [0, spec.input_size - self.input_size]])
         metainfo = tf.convert_to_tensor(self.metainfo)
         values = tf.cast(self.nz_values, self.compute_dtype)
         if training:
             y = self._matmul_taking_dense_grad(x, metainfo, values)
         else:
             y = ops.sparse_matmul(x, Representation(metainfo, values), spec)
+        if spec.output_size > self.units:
+            y = y[:, :self.units]
         if self.bias is not None:
             y = tf.nn.bias_add(y, tf.cast(self.bias, self.compute_dtype))
         y = self.activation(y)
@@ -193,17 +205,39 @@ class SparseDense(keras.layers.Layer):
         return triplets_from_representation(self.spec, rep)
 
     def get_dense(self) -> np.ndarray:
-        """The kernel as a dense [input_size, units] numpy array."""
-        return dense_from_triplets(self.spec, self.get_triplets())
+        """The kernel as a dense [input_size, units] numpy array (the padding cut off)."""
+        return dense_from_triplets(self.spec, self.get_triplets())[:self.input_size, :self.units]
+
+    def real_elements(self) -> np.ndarray | None:
+        """[input_blocks, output_blocks]: each block's elements outside the padding; None
+        when the sizes needed no padding (every block is whole)."""
+        spec, bs = self.spec, self.block_size
+        if (spec.input_size, spec.output_size) == (self.input_size, self.units):
+            return None
+        rows = np.clip(self.input_size - bs * np.arange(spec.input_blocks), 0, bs)
+        cols = np.clip(self.units - bs * np.arange(spec.output_blocks), 0, bs)
+        return np.outer(rows, cols)
+
+    def _zero_padding(self, triplets: Triplets) -> Triplets:
+        """`triplets` with the part of each block that lies in the padding set to zero."""
+        bs = self.block_size
+        if self.real_elements() is None:
+            return triplets
+        rows = triplets.row_indices[:, None] * bs + np.arange(bs)
+        cols = triplets.col_indices[:, None] * bs + np.arange(bs)
+        inside = (rows < self.input_size)[:, :, None] & (cols < self.units)[:, None, :]
+        values = np.where(inside, np.asarray(triplets.values), 0)
+        return triplets._replace(values=values.astype(np.asarray(triplets.values).dtype))
 
     def set_triplets(self, triplets: Triplets, kept_from: np.ndarray | None = None) -> np.ndarray:
         """Make `triplets` the kernel (an assign: nothing re-traces).
 
         `kept_from[i]` is the slot (index in `get_triplets()`) connection i
         continues, or -1. Returns, for each slot of the new pattern, the old
-        slot it continues or -1 (padding and new connections).
+        slot it continues or -1 (padding and new connections). Values in the
+        padding of the sizes are stored as zero.
         """
-        ordered, order = in_slot_order(triplets)
+        ordered, order = in_slot_order(self._zero_padding(triplets))
         rep = representation_from_triplets(self.spec, ordered)
         self.metainfo.assign(rep.metainfo)
         self.nz_values.assign(rep.nz_values.astype(self.nz_values.dtype))
@@ -398,9 +432,13 @@ class RigL(keras.callbacks.Callback):
             triplets = layer.get_triplets()
             n_prune = self.prune_count(t, T, self.prune_ratio, len(triplets.values))
             grad = rigl.block_scores(spec, grads[layer.name]) if grads else None
+            ranked, grad = self._per_real_element(layer, triplets, grad)
             new, kept_from = sparse_training.prune_and_regrow(
-                triplets, n_prune, self.regrow, shape=(spec.input_blocks, spec.output_blocks),
+                ranked, n_prune, self.regrow, shape=(spec.input_blocks, spec.output_blocks),
                 grad=grad, rng=rng)
+            if ranked is not triplets:  # ranked on scaled values; keep the real ones
+                new = new._replace(values=sparse_training.follow_pattern(triplets.values,
+                                                                         kept_from))
             slot_kept_from = layer.set_triplets(new, kept_from)
             follow_slots(self.model.optimizer, layer.nz_values, slot_kept_from)
             entry["layers"][layer.name] = {"moved": int(np.count_nonzero(kept_from < 0)),
@@ -410,6 +448,27 @@ class RigL(keras.callbacks.Callback):
         entry["seconds"] = time.perf_counter() - started
         self.history.append(entry)
         self._log_summaries(step, t, T, entry)
+
+    @staticmethod
+    def _per_real_element(layer: SparseDense, triplets: Triplets, grad):
+        """(triplets, grad) to rank, per real element where the layer's sizes are padded.
+
+        A block half in the padding would otherwise look half as strong (its |w|
+        and summed |g| cover half the elements), and e.g. the last classes of a
+        10-wide output in 8 x 8 blocks would lose their connections first; a
+        block wholly in the padding scores 0, so it is never grown. A MAX-pooled
+        gradient is already per element.
+        """
+        real = layer.real_elements()
+        if real is None:
+            return triplets, grad
+        factor = rigl.per_element(layer.spec, real)
+        values = np.asarray(triplets.values, np.float64)
+        scale = factor[triplets.row_indices, triplets.col_indices]
+        ranked = triplets._replace(values=values * scale.reshape((-1,) + (1,) * (values.ndim - 1)))
+        if grad is not None and layer.spec.pooling_type != "MAX":
+            grad = (np.abs(grad) * factor).astype(np.float32)
+        return ranked, grad
 
     def _write_record(self, layer: SparseDense, t: int, triplets: Triplets) -> None:
         folder = Path(self.records_path)

@@ -65,14 +65,73 @@ def test_tokens_of_any_rank_share_the_kernel():
     np.testing.assert_allclose(np.reshape(y, (-1, OUT)), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_block_layer_holds_whole_blocks_and_rejects_sizes_off_the_block_grid():
+def test_block_layer_holds_whole_blocks():
     layer = SparseDense(32, 0.25, block_size=8, seed=0)
     layer.build((None, 64))
     triplets = layer.get_triplets()
     assert triplets.values.shape[1:] == (8, 8)
     assert layer.nnz == len(triplets.values) == 8  # 0.25 of 8 x 4 blocks
-    with pytest.raises(ValueError, match="multiple of block_size"):
-        SparseDense(30, 0.25, block_size=8).build((None, 64))
+    assert layer.real_elements() is None
+
+
+def padded_layer(**kwargs):
+    """28 -> 10 in 8 x 8 blocks: the op's kernel is 32 x 16, half of its blocks connected."""
+    layer = SparseDense(10, 0.5, block_size=8, seed=3, **kwargs)
+    layer.build((None, 28))
+    layer.bias.assign(np.linspace(-1, 1, 10).astype(np.float32))
+    return layer
+
+
+def padding_of(layer) -> np.ndarray:
+    """The values of the connected blocks that lie in the padding (rows >= 28 or cols >= 10)."""
+    t = layer.get_triplets()
+    rows = t.row_indices[:, None] * 8 + np.arange(8)
+    cols = t.col_indices[:, None] * 8 + np.arange(8)
+    return np.asarray(t.values)[(rows >= 28)[:, :, None] | (cols >= 10)[:, None, :]]
+
+
+def test_sizes_off_the_block_grid_are_padded_and_match_numpy():
+    layer = padded_layer()
+    assert (layer.spec.input_size, layer.spec.output_size) == (32, 16)
+    np.testing.assert_array_equal(layer.real_elements(), np.outer([8, 8, 8, 4], [8, 2]))
+    kernel = layer.get_dense()
+    assert kernel.shape == (28, 10) and np.count_nonzero(kernel)
+    assert padding_of(layer).size and not padding_of(layer).any()
+    x = np.random.default_rng(0).standard_normal((3, 5, 28)).astype(np.float32)
+    expected = x.astype(np.float64) @ kernel + layer.bias.numpy()
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer(x, training=True), expected, rtol=1e-5, atol=1e-5)
+    clone = SparseDense.from_config(layer.get_config())
+    clone.build((None, 28))
+    assert clone.get_config() == layer.get_config()
+    np.testing.assert_array_equal(clone.get_dense(), kernel)
+    dense = to_dense(keras.Sequential([keras.Input((28,)), layer]))
+    np.testing.assert_allclose(dense.predict(x[:, 0], verbose=0), expected[:, 0], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_padding_stays_zero_through_rigl_updates_and_blocks_rank_per_real_element():
+    layer = padded_layer(pooling="SUM")
+    model = keras.Sequential([keras.Input((28,)), layer])
+    model.compile(keras.optimizers.Adam(0.05), "mse")
+    x, y = data()
+    rigl_callback = RigL(1, prune_ratio=0.5, schedule="constant", total_steps=6, seed=0)
+    model.fit(x[:, :28], y[:, :10], batch_size=4, epochs=1, verbose=0, callbacks=[rigl_callback])
+    assert len(rigl_callback.history) == 4
+    assert all(e["layers"][layer.name]["moved"] for e in rigl_callback.history)
+    assert not padding_of(layer).any()
+    # Per real element: a block of 16 real elements with 0.3 each outranks a whole
+    # block of 0.1 each (sums 4.8 vs 6.4), and a gradient of 4 over 16 real elements
+    # outranks 10 over 64.
+    values = np.zeros((2, 8, 8), np.float32)
+    values[0], values[1][:, :2] = 0.1, 0.3
+    layer.set_triplets(sparse.Triplets(np.array([0, 0]), np.array([0, 1]), values))
+    grad = np.zeros(layer.spec.dense_grad_shape, np.float32)
+    grad[1, 0], grad[1, 1] = 10.0, 4.0
+    ranked, scores = RigL._per_real_element(layer, layer.get_triplets(), grad)
+    np.testing.assert_allclose(np.abs(ranked.values).reshape(2, -1).sum(1), [6.4, 19.2],
+                               rtol=1e-6)
+    np.testing.assert_allclose(scores[1], [10.0, 16.0])
 
 
 def test_config_round_trips():
