@@ -529,3 +529,21 @@ def to_dense(model: keras.Model) -> keras.Model:
         elif old.weights:
             new.set_weights(old.get_weights())
     return dense
+
+
+@keras.saving.register_keras_serializable(package="ipu_sparse_ops")
+class WeightDecay(keras.regularizers.Regularizer):
+    """Adds `rate * w` to each weight's gradient (a loss of rate / 2 * sum w^2).
+
+    Unlike `keras.regularizers.L2` it sums in float32, so float16 weights can
+    join the float32 loss Keras adds them to.
+    """
+
+    def __init__(self, rate: float):
+        self.rate = float(rate)
+
+    def __call__(self, x):
+        return 0.5 * self.rate * tf.reduce_sum(tf.square(tf.cast(x, tf.float32)))
+
+    def get_config(self):
+        return {"rate": self.rate}

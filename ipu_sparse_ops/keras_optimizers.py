@@ -52,7 +52,7 @@ def check_options(name: str, options: dict) -> dict:
                          f"{', '.join(allowed) or 'none'}")
     full = {**allowed, **options}
     if name == "Momentum":
-        _number("momentum", full["momentum"], minimum=0.0)
+        _number("momentum", full["momentum"], minimum=0.0, maximum=1.0)
         if not isinstance(full["use_nesterov"], bool):
             raise ValueError(f"use_nesterov must be true or false, got {full['use_nesterov']!r}")
     if name == "Adam":
@@ -119,9 +119,12 @@ def parse_optimizer_args(args: Sequence[str] | None) -> dict[str, object]:
     return options
 
 
-def _number(name: str, value, *, minimum: float, below: float | None = None) -> None:
+def _number(name: str, value, *, minimum: float, below: float | None = None,
+            maximum: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if not np.isfinite(value) or value < minimum or (below is not None and value >= below):
-        bounds = f"[{minimum}, {below})" if below is not None else f">= {minimum}"
+    if (not np.isfinite(value) or value < minimum or (below is not None and value >= below)
+            or (maximum is not None and value > maximum)):
+        bounds = (f"[{minimum}, {below})" if below is not None else
+                  f"in [{minimum:g}, {maximum:g}]" if maximum is not None else f">= {minimum}")
         raise ValueError(f"{name} must be finite and {bounds}, got {value}")

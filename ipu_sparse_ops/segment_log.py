@@ -53,6 +53,8 @@ class SegmentLog(keras.callbacks.Callback):
         loss_mean, accuracy_mean = float(logs[self.loss_key]), float(logs["accuracy"])
         loss = (loss_mean * (batch + 1) - loss_before * steps_before) / steps
         accuracy = (accuracy_mean * (batch + 1) - accuracy_before * steps_before) / steps
+        samples = steps * self.batch_size  # a whole number of them were right
+        accuracy = round(accuracy * samples) / samples
         self._previous = batch + 1, loss_mean, accuracy_mean
         self.segment += 1
         if not math.isfinite(loss):
@@ -63,7 +65,7 @@ class SegmentLog(keras.callbacks.Callback):
                  for name, layer in update["layers"].items()}
         record = {"segment": self.segment, "epoch": self.epoch,
                   "step": int(self.model.optimizer.iterations.numpy()), "loss": loss,
-                  "accuracy": accuracy, "samples": steps * self.batch_size,
+                  "accuracy": accuracy, "samples": samples,
                   "seconds": seconds, "moved": moved,
                   "update_seconds": sum(update["seconds"] for update in updates),
                   "learning_rate": float(np.asarray(self.model.optimizer.learning_rate))}

@@ -1,14 +1,15 @@
 """Train a two-layer MNIST network whose layers are genuinely sparse, rewired by Rig-L.
 
-The model is 784 -> hidden (ReLU, bias) -> dropout -> 10 (bias). A layer of
-density below 1 is a `SparseFcLayer` (the dynamic sparse matmul op), density 1
-a dense layer. Between two pattern updates ("Rig-L steps", `--steps-per-epoch`
-of them per epoch) all training steps run inside one traced TensorFlow loop,
-the CPU stand-in for the IPU's device iterations; only the last step of a
-segment computes the dense (or block-pooled) gradient. The host then prunes
-the weakest connections of every sparse layer, regrows as many where the
-gradient is largest (Rig-L, Evci et al. 2020) or at random (SET), with the
-cosine-decayed count, and pushes the new pattern; optimizer slots follow it.
+The model is 784 -> hidden (ReLU, bias) -> dropout -> 10 (bias), a Keras model
+of `ipu_sparse_ops.keras.SparseDense` layers (a layer of density 1 is a plain
+`Dense`), trained by `model.fit` with the `RigL` callback. An epoch is cut into
+`--steps-per-epoch` Rig-L steps; the training steps of one run inside one
+traced loop (`steps_per_execution`, the CPU stand-in for the IPU's device
+iterations), and only the last of them computes the dense (or block-pooled)
+gradient. After each, `RigL` prunes the weakest connections of every sparse
+layer and regrows as many where that gradient is largest (Rig-L, Evci et al.
+2020) or at random (SET), with the cosine-decayed count; the optimizer's
+slots follow the new pattern.
 
 With only the original's flags, the run is the original's: its defaults, its
 learning-rate schedule, its records and checkpoints. This project's better
@@ -19,33 +20,32 @@ Examples:
     python -m mnist_rigl.sparse_mnist --restore 20240101-120000 --start-epoch 4
     python -m mnist_rigl.sparse_mnist --checkpoint-path ckpt --resume-latest
 
-Runs are deterministic for a seed: shuffling and random regrowth come from a
-seeded numpy generator, dropout from stateless random ops seeded by the step,
-and `--resume-latest` after a kill ends bit for bit where the uninterrupted run ends.
+Runs are deterministic for a seed: batches come from shuffles keyed by (seed,
+pass), random regrowth from draws keyed by (seed, update), dropout from a
+counter saved with the model, so `--resume-latest` after a kill ends bit for
+bit where the uninterrupted run ends.
 """
-
-import sys
-from pathlib import Path
-
 
 import argparse
 import contextlib
 import datetime
 import hashlib
-import io
 import json
 import logging
 import math
-import time
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ipu_sparse_ops import sparse_training
 from ipu_sparse_ops.cli import ArgumentParser
 from ipu_sparse_ops.ipu_only_flags import IPU_ONLY, IpuOnlyFlag
+from ipu_sparse_ops.keras_optimizers import check_options, parse_optimizer_args
 from ipu_sparse_ops.training_run import (
-    SegmentPlan, TrainingError, UsageError, check_writable_dir, make_segment_loop, parse_flags,
-    remove_stale_temps, report_failure, write_atomically)
+    TrainingError, UsageError, batch_dataset, check_writable_dir, parse_flags, remove_stale_temps,
+    report_failure, save_model_atomically, write_atomically)
 from mnist_rigl.mnist_data import MnistError, load_mnist
 
 logger = logging.getLogger("sparse_mnist")
@@ -63,7 +63,7 @@ OPTIMIZERS = ("GradientDescent", "Momentum", "Adam")
 # The original's optimizer options; --optimizer-arg overrides them one by one.
 OPTIMIZER_DEFAULTS = {"Momentum": {"momentum": 0.0001, "use_nesterov": True}}
 CHECKPOINT_JSON = "checkpoint.json"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: the model and its optimizer as a .keras file
 RUN_NAME_FORMAT = "%Y%m%d-%H%M%S"  # a new run's checkpoint folder, as the original names it
 RECORD_NAME = "weights_fc1_{step:06d}.npz"  # fc1's pattern (this project's record)
 DENSE_RECORD_NAME = "weights_fc1_{step:06d}.npy"  # fc1's dense weight (the original's record)
@@ -222,7 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Check the flags before any data is loaded; only the optimizer checks need TensorFlow."""
+    """Check the flags before any data is loaded (and before TensorFlow is imported)."""
     for name, density in zip(("fc1", "fc2"), args.densities):
         if not 0.0 < density <= 1.0:
             raise UsageError(f"--densities: {name} density must be in (0, 1], got {density:g}")
@@ -272,17 +272,12 @@ def check_args(args: argparse.Namespace) -> None:
         check_writable_dir(args.records_path, "--records-path")
     if trains and not args.single_train_step_only:
         check_writable_dir(args.checkpoint_path, "--checkpoint-path")
-    # Last, as it imports TensorFlow: the optimizer and its options.
-    try:
-        from ipu_sparse_ops.optimizers import make_optimizer, parse_optimizer_args
-    except ImportError as e:  # pragma: no cover - missing build
-        raise UsageError(f"cannot import ipu_sparse_ops ({e}); run `make -j` first") from None
     try:
         given = parse_optimizer_args(args.optimizer_arg)
         if "learning_rate" in given:
             raise ValueError("the learning rate follows the built-in schedule and cannot be set")
         args.optimizer_options = {**OPTIMIZER_DEFAULTS.get(args.optimizer, {}), **given}
-        make_optimizer(args.optimizer, 0.0, **args.optimizer_options)  # checks the options
+        check_options(args.optimizer, args.optimizer_options)
     except ValueError as e:
         raise UsageError(f"--optimizer-arg: {e}") from None
 
@@ -317,54 +312,57 @@ def learning_rate(optimizer: str, batch_size: int, epoch: int, epochs: int) -> f
     return LR_VALUES[sum(epoch / epochs >= p for p in LR_PROGRESS)] * scale
 
 
-def segment_steps(plan: SegmentPlan, segment: int, batches_per_segment: int | None):
-    """(first global training step, number of steps) of Rig-L step `segment`.
+@dataclass(frozen=True)
+class RunPlan:
+    """How the flags cut the run into `fit` steps.
 
-    By default the Rig-L steps of an epoch share its batches; with the
-    original's --batches-per-step-override each is `batches_per_segment` long.
-    """
-    if batches_per_segment is not None:
-        return segment * batches_per_segment, batches_per_segment
-    return plan.first_step(segment), plan.segment(segment)[2]
-
-
-class BatchOrder:
-    """Which images each training step sees, drawn lazily from the host generator.
-
-    Pass p over the training set is a fresh permutation, cut into
-    `batches_per_pass` batches (the remainder is left out); global step g trains
-    on batch g % batches_per_pass of pass g // batches_per_pass. A permutation is
-    drawn when a step first needs it, so the generator's use (shared with random
-    regrowth) depends only on the steps trained.
+    A Rig-L step is `segment_batches` batches, as the original: an epoch's
+    batches shared by --steps-per-epoch steps (the remainder left out), or
+    --batches-per-step-override of them. With --gradient-accumulation-count N
+    each batch is N micro-batches, and `fit` steps are micro-batches.
     """
 
-    def __init__(self, n_train: int, batch_size: int, batches_per_pass: int,
-                 rng: np.random.Generator):
-        self.n_train, self.batch_size, self.batches_per_pass = n_train, batch_size, batches_per_pass
-        self.rng = rng
-        self.perms: dict[int, np.ndarray] = {}
+    batch_size: int
+    accumulation: int
+    segment_batches: int
+    segments_per_epoch: int
+    epochs: int
+    batches_per_pass: int  # batches cut from each shuffled pass over the data
 
-    def window(self, first_step: int, count: int) -> tuple[np.ndarray, int]:
-        """(image indices of the passes that steps first_step .. + count touch, the first
-        step's batch within them): what the segment loop takes as `perm` and `first_batch`."""
-        passes = range(first_step // self.batches_per_pass,
-                       (first_step + count - 1) // self.batches_per_pass + 1)
-        self.perms = {p: perm for p, perm in self.perms.items() if p >= passes[0]}
-        for p in passes:
-            if p not in self.perms:
-                self.perms[p] = self.rng.permutation(self.n_train).astype(np.int32)
-        used = self.batches_per_pass * self.batch_size
-        window = np.concatenate([self.perms[p][:used] for p in passes])
-        return window, first_step - passes[0] * self.batches_per_pass
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.accumulation
 
-    def state(self, next_step: int) -> dict[str, np.ndarray]:
-        """The permutations drawn for steps from `next_step` on, for a checkpoint."""
-        first = next_step // self.batches_per_pass
-        return {f"perm/{p}": perm for p, perm in self.perms.items() if p >= first}
+    @property
+    def fit_steps_per_segment(self) -> int:
+        return self.segment_batches * self.accumulation
 
-    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        self.perms = {int(key.split("/")[1]): value.astype(np.int32)
-                      for key, value in arrays.items() if key.startswith("perm/")}
+    @property
+    def fit_steps_per_epoch(self) -> int:
+        return self.fit_steps_per_segment * self.segments_per_epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.segment_batches * self.segments_per_epoch
+
+    @property
+    def total_segments(self) -> int:
+        return self.segments_per_epoch * self.epochs
+
+
+def run_plan(args: argparse.Namespace, n_train: int) -> RunPlan:
+    batches_per_pass = n_train // args.batch_size
+    if args.batches_per_step_override is not None:
+        segment = args.batches_per_step_override
+    else:
+        segment = batches_per_pass // args.steps_per_epoch
+        batches_per_pass = segment * args.steps_per_epoch
+    if batches_per_pass < 1 or segment < 1:
+        raise UsageError(f"{n_train} training images make {n_train // args.batch_size} batches "
+                         f"of {args.batch_size}, fewer than --steps-per-epoch "
+                         f"{args.steps_per_epoch}")
+    return RunPlan(args.batch_size, args.gradient_accumulation_count, segment,
+                   args.steps_per_epoch, args.epochs, batches_per_pass)
 
 
 # ---- files -----------------------------------------------------------------------------
@@ -391,198 +389,107 @@ def pixel_permutation(mode: str, block_size: int, seed: int) -> np.ndarray:
     return pixels.transpose(0, 2, 1, 3).reshape(-1)
 
 
+def layer_connections(layer):
+    """(triplets, dense weight) of fc1, sparse or dense."""
+    from ipu_sparse_ops.keras import SparseDense
+    from ipu_sparse_ops.sparse import Triplets
+
+    if isinstance(layer, SparseDense):
+        return layer.get_triplets(), layer.get_dense()
+    dense = layer.kernel.numpy()
+    rows, cols = np.indices(dense.shape).reshape(2, -1)
+    return Triplets(rows, cols, dense.reshape(-1)), dense
+
+
 def write_record(folder: Path, updates: int, layer) -> None:
     """fc1 after `updates` Rig-L updates: its dense weight (the original's record) and its
     connections, just-grown zeros included (which the dense weight cannot show)."""
-    triplets = layer.get_triplets()
+    triplets, dense = layer_connections(layer)
     arrays = {"row_indices": triplets.row_indices, "col_indices": triplets.col_indices,
               "values": triplets.values}
-    if layer.spec.block_size > 1:
-        arrays["block_size"] = np.array(layer.spec.block_size)
+    block_size = getattr(layer, "block_size", 1)
+    if block_size > 1:
+        arrays["block_size"] = np.array(block_size)
     write_atomically(folder / RECORD_NAME.format(step=updates), lambda f: np.savez(f, **arrays))
-    dense = layer.get_dense()
     write_atomically(folder / DENSE_RECORD_NAME.format(step=updates), lambda f: np.save(f, dense))
 
 
 # ---- model -----------------------------------------------------------------------------
 
-SEED_STREAMS = ("fc1", "fc2", "host", "pixels")  # independent streams from --seed
+# Independent streams from --seed (append only: an index fixes a stream's draws).
+SEED_STREAMS = ("fc1", "fc2", "host", "pixels", "dropout", "regrow")
 
 
 def seed_sequence(seed: int, stream: str) -> np.random.SeedSequence:
-    """The numpy seed of one use of randomness: fc1/fc2 initialisation, the host
-    generator that shuffles and regrows at random (whose state is checkpointed), or
-    the --permute-input random permutation."""
+    """The numpy seed of one use of randomness: fc1/fc2 initialisation, the batch order
+    ("host"), the --permute-input random permutation, dropout, random regrowth."""
     return np.random.SeedSequence(seed, spawn_key=(SEED_STREAMS.index(stream),))
 
 
-class Model:
-    """fc1 (ReLU, bias) -> stateless dropout -> fc2 (bias), plus what Rig-L needs."""
-
-    def __init__(self, args: argparse.Namespace, seed: int):
-        from ipu_sparse_ops import layers
-        from ipu_sparse_ops.sparse import MatmulSpec, capacity_for_density
-
-        seeds = [seed_sequence(seed, "fc1"), seed_sequence(seed, "fc2")]
-        self.droprate = args.droprate
-        self.seed = seed
-        self.layers = {}
-        shapes = {"fc1": (INPUT_SIZE, args.hidden_size, args.block_size, args.pooling_type),
-                  "fc2": (args.hidden_size, NUM_CLASSES, 1, "NONE")}
-        for (name, (n_in, n_out, bs, pooling)), density, layer_seed in zip(
-                shapes.items(), args.densities, seeds):
-            _, capacity = capacity_for_density(n_in // bs, n_out // bs, density)
-            spec = MatmulSpec(n_in, n_out, capacity, bs, args.data_type, pooling)
-            self.layers[name] = layers.make_fc_layer(
-                spec, density, seed=layer_seed, use_bias=True, relu=name == "fc1", name=name)
-        self.sparse_layers = {name: layer for name, layer in self.layers.items()
-                              if isinstance(layer, layers.SparseFcLayer)}
-        self.dtype = args.data_type
-
-    @property
-    def fc1(self):
-        return self.layers["fc1"]
-
-    @property
-    def fc2(self):
-        return self.layers["fc2"]
-
-    def weights(self) -> list:
-        """Each layer's weight variable: its non-zero values if sparse, its kernel if dense."""
-        return [layer.nz_values if name in self.sparse_layers else layer.kernel
-                for name, layer in self.layers.items()]
-
-    def trainable_variables(self) -> list:
-        """Weight then bias, layer by layer."""
-        return [variable for weight, layer in zip(self.weights(), self.layers.values())
-                for variable in (weight, layer.bias)]
-
-    def __call__(self, x, step=None, training=False, compute_dense_grad=False):
-        from ipu_sparse_ops.tf_startup import tf
-
-        h = self.fc1(x, compute_dense_grad=compute_dense_grad)
-        if training and self.droprate > 0.0:
-            seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
-            keep = tf.random.stateless_uniform(tf.shape(h), seed=seed) >= self.droprate
-            h = tf.where(keep, h / tf.constant(1.0 - self.droprate, h.dtype), tf.zeros_like(h))
-        return self.fc2(h, compute_dense_grad=compute_dense_grad)
+def stream_seed(seed: int, stream: str) -> int:
+    return int(seed_sequence(seed, stream).generate_state(1, np.uint64)[0] % 2 ** 63)
 
 
-def normalised_batch(images_uint8, dtype):
-    """uint8 pixels -> [n, 784] standardised with the training set's pixel mean and std.
+def build_model(args: argparse.Namespace, seed: int, steps_per_execution: int = 1):
+    """standardise -> fc1 (ReLU, bias) -> dropout -> fc2 (bias), compiled for this run
+    (`steps_per_execution`: the training steps of one Rig-L step)."""
+    import keras
+    from ipu_sparse_ops.keras import SeededDropout, SparseDense, WeightDecay
+    from ipu_sparse_ops.keras_optimizers import make_optimizer
 
-    Unit-scale inputs are what the Glorot initialisation assumes: at [0, 1]
-    (std 0.31) fc1's gradients are three times smaller and the sparse model
-    underfits. A pixel blank in every image becomes a constant that the bias
-    (not decayed) already provides, so weight decay shrinks its connections
-    until Rig-L prunes them.
-    """
-    from ipu_sparse_ops.tf_startup import tf
+    dtype = {"fp32": "float32", "fp16": "float16"}[args.data_type]
+    decay = WeightDecay(args.weight_decay) if args.weight_decay else None  # not the biases
 
-    x = tf.cast(tf.reshape(images_uint8, [-1, INPUT_SIZE]), tf.float32)
-    x = (x - 255.0 * PIXEL_MEAN) / (255.0 * PIXEL_STD)
-    return tf.cast(x, dtype)
+    def fc(name, units, density, block_size, pooling, activation):
+        if density < 1.0:
+            return SparseDense(units, density, block_size=block_size, pooling=pooling,
+                               activation=activation, seed=stream_seed(seed, name),
+                               kernel_regularizer=decay, dtype=dtype, name=name)
+        return keras.layers.Dense(
+            units, activation=activation, dtype=dtype, name=name, kernel_regularizer=decay,
+            kernel_initializer=keras.initializers.GlorotUniform(stream_seed(seed, name) % 2 ** 31))
 
-
-def make_train_segment(model: Model, optimizer, batch_size: int, x_train, y_train,
-                       learning_rate, dense_grads: bool, weight_decay: float,
-                       accumulation: int = 1):
-    """The segment loop (`training_run.make_segment_loop`) over this model's training step.
-
-    `learning_rate` is a tf.Variable the host sets before each segment (the
-    original fed it per device loop). Each step splits its batch into
-    `accumulation` micro-batches and applies the mean of their gradients once.
-    With `dense_grads` False (no Rig-L updates) the dense gradients are not in
-    the graph at all. `weight_decay` * w is added to the gradient of every
-    weight (not the biases).
-    """
-    from ipu_sparse_ops.tf_startup import tf
-
-    dtype = model.fc1.compute_dtype
-    trainables = model.trainable_variables()
-    decayed = [any(v is weight for weight in model.weights()) for v in trainables]
-    anchors = [layer.dense_grad_anchor for layer in model.sparse_layers.values()
-               if dense_grads]
-    x_train = tf.convert_to_tensor(x_train)
-    y_train = tf.convert_to_tensor(y_train.astype(np.int32))
-    micro = batch_size // accumulation
-
-    def micro_step(perm, start, dropout_step, compute_dense_grad):
-        indices = perm[start:start + micro]
-        x = normalised_batch(tf.gather(x_train, indices), dtype)
-        labels = tf.gather(y_train, indices)
-        with tf.GradientTape() as tape:
-            tape.watch(anchors)
-            logits = tf.cast(model(x, dropout_step, training=True,
-                                   compute_dense_grad=compute_dense_grad), tf.float32)
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-        correct = tf.reduce_sum(tf.cast(
-            tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.int32))
-        return loss, correct, tape.gradient(loss, trainables + anchors)
-
-    def step_fn(perm, batch, step, compute_dense_grad):
-        loss, correct, grads = micro_step(perm, batch * batch_size, step * accumulation,
-                                          compute_dense_grad)
-        for m in range(1, accumulation):
-            more = micro_step(perm, batch * batch_size + m * micro, step * accumulation + m,
-                              compute_dense_grad)
-            loss, correct = loss + more[0], correct + more[1]
-            grads = [tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
-                     for a, b in zip(grads, more[2])]
-        if accumulation > 1:
-            loss = loss / accumulation
-            grads = [g / tf.constant(accumulation, g.dtype) for g in grads]
-        grads, anchor_grads = grads[:len(trainables)], grads[len(trainables):]
-        if weight_decay:
-            grads = [g + tf.constant(weight_decay, v.dtype) * v if decay else g
-                     for g, v, decay in zip(grads, trainables, decayed)]
-        optimizer.apply_gradients(zip(grads, trainables), learning_rate=learning_rate)
-        return loss, correct, anchor_grads
-
-    return make_segment_loop(step_fn, anchors)
+    model = keras.Sequential([
+        keras.Input((INPUT_SIZE,), dtype="uint8"),
+        # In float32 even for fp16 layers, which take its output cast.
+        keras.layers.Rescaling(1 / (255 * PIXEL_STD), offset=-PIXEL_MEAN / PIXEL_STD,
+                               name="standardise"),
+        fc("fc1", args.hidden_size, args.densities[0], args.block_size, args.pooling_type, "relu"),
+        SeededDropout(args.droprate, stream_seed(seed, "dropout"), dtype=dtype, name="dropout"),
+        fc("fc2", NUM_CLASSES, args.densities[1], 1, "NONE", None),
+    ], name="sparse_mnist")
+    first_rate = learning_rate(args.optimizer, args.batch_size, 0, args.epochs)
+    optimizer = make_optimizer(args.optimizer, first_rate, dtype=dtype,
+                               gradient_accumulation_steps=args.gradient_accumulation_count,
+                               **args.optimizer_options)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer, cross_entropy, steps_per_execution=steps_per_execution, metrics=[
+        "accuracy", keras.metrics.SparseCategoricalCrossentropy(from_logits=True,
+                                                                name="cross_entropy")])
+    model.optimizer.build(model.trainable_variables)
+    return model
 
 
-def make_evaluate(model: Model, x_test, y_test):
-    """tf.function() -> (mean loss, accuracy) over the whole test set, without dropout."""
-    from ipu_sparse_ops.tf_startup import tf
+def describe(model) -> None:
+    from ipu_sparse_ops.keras import SparseDense
 
-    dtype = model.fc1.compute_dtype
-    x_test = tf.convert_to_tensor(x_test)
-    y_test = tf.convert_to_tensor(y_test.astype(np.int32))
-
-    @tf.function
-    def evaluate():
-        logits = tf.cast(model(normalised_batch(x_test, dtype)), tf.float32)
-        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y_test, logits))
-        correct = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y_test)
-        return loss, tf.reduce_mean(tf.cast(correct, tf.float32))
-
-    return evaluate
+    for layer in model.layers:
+        if isinstance(layer, SparseDense):
+            spec = layer.spec
+            total = spec.input_blocks * spec.output_blocks
+            unit = "elements" if spec.block_size == 1 else f"{spec.block_size}x{spec.block_size} blocks"
+            logger.info("%s: SparseDense %dx%d, %d of %d %s (density %.4f), capacity %d",
+                        layer.name, spec.input_size, spec.output_size, layer.nnz, total, unit,
+                        layer.nnz / total, layer.capacity)
+        elif layer.name.startswith("fc"):
+            logger.info("%s: Dense %dx%d", layer.name, *layer.kernel.shape)
 
 
-# ---- Rig-L on the host -----------------------------------------------------------------
-
-def update_patterns(model: Model, optimizer, dense_grads, t: int, T: int,
-                    args: argparse.Namespace, rng: np.random.Generator) -> dict[str, int]:
-    """Rig-L update t of T (t = 1..T) on every sparse layer; connections moved per layer.
-
-    Each layer drops its --cosine-prune-schedule share of weakest connections
-    and grows as many (`ipu_sparse_ops.rigl`); kept connections keep their
-    values and optimizer slots, new ones start at zero. Every gradient is
-    checked before any layer changes: NaN/Inf raises TrainingError with the
-    model intact.
-    """
-    from ipu_sparse_ops import rigl
-
-    prune_count = sparse_training.prune_schedule("cosine", **args.cosine_options)
-    counts = {name: prune_count(t, T, args.prune_ratio, layer.nnz)
-              for name, layer in model.sparse_layers.items()}
-    grads = dict(zip(model.sparse_layers, dense_grads or ()))
-    try:
-        return rigl.rigl_update_layers(model.sparse_layers, optimizer, grads, counts,
-                                       args.regrow, rng)
-    except rigl.NonFiniteGradientError as e:
-        raise TrainingError(str(e)) from None
+def evaluate(model, x_test, y_test) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over the whole test set, without dropout."""
+    results = model.evaluate(x_test, y_test.astype(np.int32), batch_size=1000, verbose=0,
+                             return_dict=True)
+    return float(results["cross_entropy"]), float(results["accuracy"])
 
 
 # ---- checkpoints -----------------------------------------------------------------------
@@ -608,73 +515,57 @@ def latest_run_folder(checkpoint_path: Path) -> Path | None:
     return max(runs, key=lambda run: (run / CHECKPOINT_JSON).stat().st_mtime_ns, default=None)
 
 
-def save_checkpoint(folder: Path, model: Model, optimizer, config: dict, segments_done: int,
-                    step: int, order: BatchOrder, rng: np.random.Generator) -> None:
-    """npz of arrays + JSON sidecar naming it (with its SHA-256); both written atomically.
+def save_checkpoint(folder: Path, model, config: dict, epochs_done: int) -> None:
+    """The model with its optimizer (.keras) + a JSON sidecar naming it, with its SHA-256.
 
-    The npz goes first under a new name, then the JSON that points to it, so a
-    kill at any moment leaves a JSON naming a complete npz.
+    The .keras file goes first under a new name, then the JSON that points to
+    it, so a kill at any moment leaves a JSON naming a complete model file.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = order.state(step)
-    for name, layer in model.layers.items():
-        arrays.update({f"{name}/{key}": value for key, value in layer.state().items()})
-    arrays.update({f"optimizer/{key}": value for key, value in optimizer.state().items()})
-    npz_name = f"checkpoint-{segments_done:06d}.npz"
-    write_atomically(folder / npz_name, lambda f: np.savez(f, **arrays))
-    digest = hashlib.sha256((folder / npz_name).read_bytes()).hexdigest()
-    meta = {"version": CHECKPOINT_VERSION, "config": config, "segments_done": segments_done,
-            "step": step, "rng_state": rng.bit_generator.state, "arrays": npz_name,
-            "sha256": digest}
+    name = f"checkpoint-{epochs_done:04d}.keras"
+    save_model_atomically(model, folder / name)
+    digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    meta = {"version": CHECKPOINT_VERSION, "config": config, "epochs_done": epochs_done,
+            "model": name, "sha256": digest}
     write_atomically(folder / CHECKPOINT_JSON,
                      lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    for old in folder.glob("checkpoint-*.npz"):
-        if old.name != npz_name:
+    for old in folder.glob("checkpoint-*.keras"):
+        if old.name != name:
             with contextlib.suppress(OSError):
                 old.unlink()
 
 
-def read_checkpoint(folder: Path) -> tuple[dict, dict] | None:
-    """(metadata, arrays) of the checkpoint in `folder`, None if there is none.
+def read_checkpoint(folder: Path) -> dict | None:
+    """The metadata of the checkpoint in `folder`, None if there is none.
 
     Raises UsageError (one line) for a checkpoint that is unreadable or whose
-    arrays do not match their recorded SHA-256.
+    model file does not match its recorded SHA-256.
     """
     meta_path = folder / CHECKPOINT_JSON
     if not meta_path.exists():
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        npz_path = folder / meta["arrays"]
-        if Path(meta["arrays"]).name != meta["arrays"]:
-            raise ValueError("arrays must name a file in the checkpoint folder")
-        blob = npz_path.read_bytes()
-        if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-            raise ValueError(f"{npz_path.name} does not match its recorded SHA-256")
         if meta.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"version {meta.get('version')}, expected {CHECKPOINT_VERSION}")
-        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        if Path(meta["model"]).name != meta["model"]:
+            raise ValueError("model must name a file in the checkpoint folder")
+        blob = (folder / meta["model"]).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{meta['model']} does not match its recorded SHA-256")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"corrupt checkpoint in {folder}: {e}") from None
-    return meta, arrays
+    return meta
 
 
-def restore(meta: dict, arrays: dict, model: Model, optimizer, config: dict,
-            folder: Path) -> None:
+def restore(meta: dict, model, config: dict, folder: Path) -> None:
     if meta["config"] != config:
         diffs = [f"{key}={meta['config'].get(key)!r} (now {value!r})"
                  for key, value in config.items() if meta["config"].get(key) != value]
         raise UsageError(f"checkpoint in {folder} belongs to another run: {', '.join(diffs)}")
     try:
-        for name, layer in model.layers.items():
-            prefix = f"{name}/"
-            layer.load_state({k[len(prefix):]: v for k, v in arrays.items()
-                              if k.startswith(prefix)})
-        prefix = "optimizer/"
-        optimizer.load_state({k[len(prefix):]: v for k, v in arrays.items()
-                              if k.startswith(prefix)})
-    except Exception as e:  # noqa: BLE001 - any defect in the arrays is a corrupt checkpoint
+        model.load_weights(folder / meta["model"])  # the optimizer's state included
+    except Exception as e:  # noqa: BLE001 - any defect in the file is a corrupt checkpoint
         raise UsageError(f"corrupt checkpoint in {folder}: {e}") from None
 
 
@@ -694,7 +585,7 @@ def start_wandb(args: argparse.Namespace):
                       tags=args.wandb_tags, config=config)
 
 
-def open_run(args: argparse.Namespace) -> tuple[Path, tuple[dict, dict] | None]:
+def open_run(args: argparse.Namespace) -> tuple[Path, dict | None]:
     """The run's checkpoint folder and the checkpoint to start from (None: a fresh start)."""
     if args.restore is not None:
         folder = args.checkpoint_path / args.restore
@@ -707,57 +598,93 @@ def open_run(args: argparse.Namespace) -> tuple[Path, tuple[dict, dict] | None]:
     return new_run_folder(args.checkpoint_path), None
 
 
+class RunFiles:
+    """What the run writes besides checkpoints, per Rig-L step: --log, records, wandb."""
+
+    def __init__(self, args: argparse.Namespace, model, updates: bool):
+        self.args, self.fc1, self.updates = args, model.get_layer("fc1"), updates
+        self.log_file = self.wandb_run = None
+        if args.log is not None:
+            try:
+                self.log_file = open(args.log, "w")  # noqa: SIM115 - closed by close()
+            except OSError as e:
+                raise UsageError(f"--log {args.log}: cannot write ({e.strerror or e})") from None
+            self.log_file.write(f"Iteration Density_{args.densities[0]}_{args.densities[1]}\n")
+            self.log_file.flush()
+        if args.use_wandb:
+            self.wandb_run = start_wandb(args)
+
+    def on_segment(self, record: dict) -> None:
+        args = self.args
+        if self.updates and args.records_path is not None:
+            write_record(args.records_path, record["segment"], self.fc1)
+        if self.log_file is not None:
+            self.log_file.write(f"{record['step']} {record['accuracy']}\n")
+            self.log_file.flush()
+        if self.wandb_run is not None:
+            if self.updates:
+                T = args.steps_per_epoch * args.epochs
+                share = sparse_training.cosine_schedule(record["segment"], T,
+                                                        **args.cosine_options)
+                self.wandb_run.log({"Prune Schedule": args.prune_ratio * share}, commit=False)
+            self.wandb_run.log({"Loss": record["loss"], "Accuracy": record["accuracy"],
+                                "Throughput": record["samples"] / record["seconds"]},
+                               commit=True)
+
+    def close(self, test_loss=None, test_accuracy=None) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.wandb_run is not None:
+            if test_loss is not None:
+                self.wandb_run.summary["Test Loss"] = test_loss
+                self.wandb_run.summary["Test Accuracy"] = test_accuracy
+            self.wandb_run.finish()
+
+
 def train(args: argparse.Namespace, data) -> dict:
     """The whole run; returns the final metrics. Raises UsageError / TrainingError."""
-    from ipu_sparse_ops import optimizers
     from ipu_sparse_ops.tf_startup import tf
+    import keras
+    from ipu_sparse_ops import rigl
+    from ipu_sparse_ops.keras import RigL, sparse_layers
+    from ipu_sparse_ops.segment_log import SegmentLog
 
     x_train, y_train, x_test, y_test = data
     if args.train_samples is not None:
         x_train, y_train = x_train[:args.train_samples], y_train[:args.train_samples]
     n_train = len(x_train)
-    batches_per_epoch = n_train // args.batch_size
-    if batches_per_epoch < args.steps_per_epoch:
-        raise UsageError(f"{n_train} training images make {batches_per_epoch} batches of "
-                         f"{args.batch_size}, fewer than --steps-per-epoch "
-                         f"{args.steps_per_epoch}")
-    plan = SegmentPlan(batches_per_epoch, args.steps_per_epoch, args.epochs)
+    plan = run_plan(args, n_train)
     T = plan.total_segments  # Rig-L steps, each followed by update t = 1..T
 
     run_folder, checkpoint = open_run(args)
     if checkpoint is not None and args.seed is None:
-        args.seed = checkpoint[0]["config"]["seed"]
+        args.seed = checkpoint["config"]["seed"]
     if args.seed is None:
         args.seed = int(np.random.SeedSequence().entropy % 2**31)
         logger.info("seed %d (pass --seed %d to repeat this run)", args.seed, args.seed)
     config = run_config(args)
 
     permutation = pixel_permutation(args.permute_input, args.block_size, args.seed)
-    if args.permute_input != "none":
-        x_train = x_train.reshape(n_train, INPUT_SIZE)[:, permutation]
-        x_test = x_test.reshape(len(x_test), INPUT_SIZE)[:, permutation]
+    x_train = x_train.reshape(n_train, INPUT_SIZE)[:, permutation]
+    x_test = x_test.reshape(len(x_test), INPUT_SIZE)[:, permutation]
 
-    optimizer = optimizers.make_optimizer(args.optimizer, 0.0, **args.optimizer_options)
-    model = Model(args, args.seed)
-    optimizer.build(model.trainable_variables())
-    # Shuffling and random regrowth; its state is part of every checkpoint.
-    rng = np.random.default_rng(seed_sequence(args.seed, "host"))
-    order = BatchOrder(n_train, args.batch_size, batches_per_epoch, rng)
-    do_updates = bool(not args.disable_pruning and model.sparse_layers)
-
-    segments_done = 0
+    # Grappler's arithmetic optimizer regrouped chains of adds (weight decay into
+    # the momentum update) one way in one trace and another way in the next, so a
+    # seed's runs differed in the last bits and then grew apart.
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+    model = build_model(args, args.seed, plan.fit_steps_per_segment)
+    epochs_done = 0
     if checkpoint is not None:
-        meta, arrays = checkpoint
-        restore(meta, arrays, model, optimizer, config, run_folder)
-        rng.bit_generator.state = meta["rng_state"]
-        order.load_state(arrays)
-        segments_done = int(meta["segments_done"])
-        if args.restore is not None and args.start_epoch * plan.steps_per_epoch != segments_done:
-            logger.warning("%s was saved after Rig-L step %d; resuming at epoch %d as asked",
-                           run_folder, segments_done, args.start_epoch)
-            segments_done = args.start_epoch * plan.steps_per_epoch
+        restore(checkpoint, model, config, run_folder)
+        epochs_done = int(checkpoint["epochs_done"])
+        if args.restore is not None and args.start_epoch != epochs_done:
+            logger.warning("%s was saved after epoch %d; resuming at epoch %d as asked",
+                           run_folder, epochs_done, args.start_epoch)
+            epochs_done = args.start_epoch
+            # RigL and the schedules read the step from here.
+            model.optimizer.iterations.assign(epochs_done * plan.batches_per_epoch)
         logger.info("restored %s; resuming at Rig-L step %d of %d (epoch %d)", run_folder,
-                    segments_done + 1, T, segments_done // plan.steps_per_epoch + 1)
+                    epochs_done * plan.segments_per_epoch + 1, T, epochs_done + 1)
     trains = args.test_mode != "tests"
     if trains and not args.single_train_step_only:
         remove_stale_temps(args.checkpoint_path)
@@ -765,117 +692,77 @@ def train(args: argparse.Namespace, data) -> dict:
     if args.records_path is not None and trains:
         remove_stale_temps(args.records_path)
         write_atomically(args.records_path / PERMUTATION_FILE, lambda f: np.save(f, permutation))
-        if segments_done == 0:
-            write_record(args.records_path, 0, model.fc1)
+        if epochs_done == 0:
+            write_record(args.records_path, 0, model.get_layer("fc1"))
+    describe(model)
 
-    for name, layer in model.layers.items():
-        logger.info("%s: %s %dx%d, %d of %d %s (density %.4f), capacity %s", name,
-                    type(layer).__name__, layer.spec.input_size, layer.spec.output_size,
-                    layer.nnz, layer.spec.input_blocks * layer.spec.output_blocks,
-                    "elements" if layer.spec.block_size == 1
-                    else f"{layer.spec.block_size}x{layer.spec.block_size} blocks",
-                    layer.density, getattr(layer, "capacity", "-"))
+    sparse = sparse_layers(model)
+    updates = bool(not args.disable_pruning and sparse and not args.single_train_step_only)
+    rigl_callback = RigL(plan.fit_steps_per_segment, prune_ratio=args.prune_ratio,
+                         regrow=args.regrow, schedule="cosine",
+                         cosine_options=args.cosine_options, seed=stream_seed(args.seed, "regrow"),
+                         total_steps=T * plan.fit_steps_per_segment) if updates else None
+    files = RunFiles(args, model, updates) if trains else None
+    log = SegmentLog(batch_size=plan.micro_batch, segments=T,
+                     steps_per_segment=plan.fit_steps_per_segment, rigl=rigl_callback,
+                     loss_key="cross_entropy", first_segment=epochs_done * plan.segments_per_epoch,
+                     on_segment=files.on_segment if files and updates else None,
+                     logger=logger)
+    schedule = keras.callbacks.LearningRateScheduler(
+        lambda epoch: learning_rate(args.optimizer, args.batch_size, epoch, args.epochs))
 
-    want_grads = do_updates and args.regrow == "rigl"
-    rate = tf.Variable(0.0, trainable=False, name="learning_rate")
-    train_segment = make_train_segment(model, optimizer, args.batch_size, x_train, y_train,
-                                       rate, dense_grads=want_grads,
-                                       weight_decay=args.weight_decay,
-                                       accumulation=args.gradient_accumulation_count)
-    log_file = wandb_run = None
-    if trains and args.log is not None:
-        try:
-            log_file = open(args.log, "w")  # noqa: SIM115 - written line by line, closed below
-        except OSError as e:
-            raise UsageError(f"--log {args.log}: cannot write ({e.strerror or e})") from None
-        log_file.write(f"Iteration Density_{args.densities[0]}_{args.densities[1]}\n")
-        log_file.flush()
-    if args.use_wandb:
-        wandb_run = start_wandb(args)
+    def checkpoint_after(epoch, logs=None):
+        done = epoch + 1
+        if (done - 1) % args.checkpoint_freq == 0 or done == args.epochs:
+            save_checkpoint(run_folder, model, config, done)
+
+    callbacks = [schedule, *([rigl_callback] if rigl_callback else []), log]
+    if not args.single_train_step_only:
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=checkpoint_after))
+    dataset = batch_dataset(x_train, y_train.astype(np.int32), batch_size=plan.micro_batch,
+                            batches_per_pass=plan.batches_per_pass * plan.accumulation,
+                            seed=stream_seed(args.seed, "host"),
+                            first_step=epochs_done * plan.fit_steps_per_epoch)
+    # Traces of the training step: one at the first execution, and none after if
+    # pattern updates never re-trace (counted before evaluate traces its own).
+    traced = {}
+    count_traces = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: traced.setdefault(
+            "first", sum(layer.traces for layer in sparse)))
+    results = {"test_loss": None, "test_accuracy": None, "traces": 0}
     try:
-        results = run_segments(args, plan, model, optimizer, train_segment, rate, order, rng,
-                               range(segments_done, T if trains else segments_done),
-                               do_updates, run_folder, config, log_file, wandb_run)
-        results["test_loss"] = results["test_accuracy"] = None
+        if trains:
+            epochs, steps = ((1, plan.fit_steps_per_segment) if args.single_train_step_only
+                             else (args.epochs, plan.fit_steps_per_epoch))
+            try:
+                model.fit(dataset, initial_epoch=0 if args.single_train_step_only else epochs_done,
+                          epochs=epochs, steps_per_epoch=steps, verbose=0, shuffle=False,
+                          callbacks=[*callbacks, count_traces])
+            except rigl.NonFiniteGradientError as e:
+                raise TrainingError(str(e)) from None
+            if sparse and "first" in traced:
+                results["traces"] = 1 + sum(layer.traces for layer in sparse) - traced["first"]
+            if args.single_train_step_only:
+                logger.info("stopped after the first Rig-L step's %d training steps "
+                            "(--single-train-step-only)", plan.segment_batches)
         if args.test_mode != "training" and not args.single_train_step_only:
-            test_loss, test_accuracy = (float(v) for v in make_evaluate(model, x_test, y_test)())
+            test_loss, test_accuracy = evaluate(model, x_test, y_test)
             if not math.isfinite(test_loss):
                 raise TrainingError("the test loss is NaN/Inf; the weights have diverged")
             results.update(test_loss=test_loss, test_accuracy=test_accuracy)
-            if wandb_run is not None:
-                wandb_run.summary["Test Loss"] = test_loss
-                wandb_run.summary["Test Accuracy"] = test_accuracy
     finally:
-        if log_file is not None:
-            log_file.close()
-        if wandb_run is not None:
-            wandb_run.finish()
-    results["traces"] = train_segment.experimental_get_tracing_count()
-    results["run_folder"] = run_folder
-    logger.debug("the training loop was traced %d time(s)", results["traces"])
-    return results
-
-
-def run_segments(args, plan, model, optimizer, train_segment, rate, order, rng, segments,
-                 do_updates, run_folder, config, log_file, wandb_run) -> dict:
-    """Train the Rig-L steps `segments`, each one traced loop then update t = segment + 1."""
-    T = plan.total_segments
-    samples, train_seconds, update_seconds = 0, 0.0, 0.0
+        if files is not None:
+            files.close(results["test_loss"], results["test_accuracy"])
+    records = log.records
     epoch_seconds: dict[int, float] = {}
-    for segment in segments:
-        epoch = segment // plan.steps_per_epoch
-        step, count = segment_steps(plan, segment, args.batches_per_step_override)
-        rate.assign(learning_rate(args.optimizer, args.batch_size, epoch, plan.epochs))
-        perm, first = order.window(step, count)
-        update = do_updates and not args.single_train_step_only
-        started = time.perf_counter()
-        done, loss_sum, correct, dense_grads = train_segment(
-            perm, first, count, step, update and args.regrow == "rigl")
-        done = int(done)
-        if done < count:
-            raise TrainingError(f"the loss became NaN/Inf at training step {step + done - 1} "
-                                f"(epoch {epoch + 1})")
-        elapsed = time.perf_counter() - started
-        accuracy = int(correct) / (count * args.batch_size)
-        samples += count * args.batch_size
-        step += count
-        if args.single_train_step_only:
-            train_seconds += elapsed
-            epoch_seconds[epoch] = elapsed
-            logger.info("stopped after the first Rig-L step's %d training steps "
-                        "(--single-train-step-only)", count)
-            break
-        moved, t = {}, segment + 1
-        if update:
-            update_started = time.perf_counter()
-            moved = update_patterns(model, optimizer, [g.numpy() for g in dense_grads], t, T,
-                                    args, rng)
-            update_seconds += time.perf_counter() - update_started
-            if args.records_path is not None:
-                write_record(args.records_path, t, model.fc1)
-        elapsed = time.perf_counter() - started
-        train_seconds += elapsed
-        epoch_seconds[epoch] = epoch_seconds.get(epoch, 0.0) + elapsed
-        logger.info(
-            "Rig-L step %d/%d  epoch %d/%d  step %d  lr %.3g  loss %.4f  acc %.3f%s  %.0f "
-            "samples/s", t, T, epoch + 1, plan.epochs, step, float(rate.numpy()),
-            float(loss_sum) / count, accuracy,
-            "".join(f"  {name} moved {n}" for name, n in moved.items()),
-            count * args.batch_size / elapsed)
-        if log_file is not None:
-            log_file.write(f"{step} {accuracy}\n")
-            log_file.flush()
-        if wandb_run is not None:
-            if update:
-                fraction = sparse_training.cosine_schedule(t, T, **args.cosine_options)
-                wandb_run.log({"Prune Schedule": args.prune_ratio * fraction}, commit=False)
-            wandb_run.log({"Loss": float(loss_sum) / count, "Accuracy": accuracy,
-                           "Throughput": count * args.batch_size / elapsed}, commit=True)
-        epoch_done, within = divmod(t, plan.steps_per_epoch)
-        if within == 0 and ((epoch_done - 1) % args.checkpoint_freq == 0 or t == T):
-            save_checkpoint(run_folder, model, optimizer, config, t, step, order, rng)
-    return {"samples": samples, "train_seconds": train_seconds,
-            "update_seconds": update_seconds, "epoch_seconds": epoch_seconds}
+    for record in records:
+        epoch_seconds[record["epoch"]] = epoch_seconds.get(record["epoch"], 0.0) + record["seconds"]
+    results.update(samples=sum(r["samples"] for r in records),
+                   train_seconds=sum(r["seconds"] for r in records),
+                   update_seconds=sum(r["update_seconds"] for r in records),
+                   epoch_seconds=epoch_seconds, run_folder=run_folder, model=model)
+    logger.debug("the training loop was traced %s time(s)", results["traces"])
+    return results
 
 
 def main(argv=None) -> int:

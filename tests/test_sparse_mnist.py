@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from mnist_rigl import sparse_mnist, visualise_connectivity
-from ipu_sparse_ops.tf_startup import tf
 from mnist_rigl.mnist_data import load_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,8 +54,16 @@ def run_folder(checkpoint_path):
 
 
 def final_checkpoint(folder):
+    """(metadata, every weight and optimizer variable by path) of a run's checkpoint."""
+    import keras
+
     meta = json.loads((Path(folder) / "checkpoint.json").read_text())
-    return meta, read_npz(Path(folder) / meta["arrays"])
+    model = keras.models.load_model(Path(folder) / meta["model"])
+    arrays = {v.path: v.numpy() for v in model.weights}
+    # Optimizer variables by path within the optimizer (its own name is numbered per process).
+    arrays.update({"optimizer/" + v.path.split("/", 1)[-1]: v.numpy()
+                   for v in model.optimizer.variables})
+    return meta, arrays
 
 
 def assert_same_arrays(a, b):
@@ -68,6 +75,15 @@ def assert_same_arrays(a, b):
 
 def records(folder):
     return {p.name: read_npz(p) for p in sorted(Path(folder).glob("weights_fc1_*.npz"))}
+
+
+def images_and_labels(rng, n):
+    return (rng.integers(0, 256, (n, 784), dtype=np.uint8),
+            rng.integers(0, 10, n).astype(np.int32))
+
+
+def standardised(images):
+    return (images.astype(np.float64) / 255.0 - sparse_mnist.PIXEL_MEAN) / sparse_mnist.PIXEL_STD
 
 
 def script_env():
@@ -86,30 +102,25 @@ def test_learning_rate_schedule_by_epoch_as_the_original():
         0.02, 0.01, 0.001]  # progress 0, 1/3, 2/3
     assert sparse_mnist.learning_rate("Momentum", 32, 0, 10) == 0.01  # scaled by 16 / 32
     assert sparse_mnist.learning_rate("Adam", 8, 9, 10) == 0.004  # 0.002 * 16 / 8, constant
-    # Segments tile each epoch exactly even when the counts do not divide.
-    odd = sparse_mnist.SegmentPlan(batches_per_epoch=10, steps_per_epoch=3, epochs=2)
-    segments = [odd.segment(i) for i in range(odd.total_segments)]
-    assert segments == [(0, 0, 3), (0, 3, 3), (0, 6, 4), (1, 0, 3), (1, 3, 3), (1, 6, 4)]
-    assert [sparse_mnist.segment_steps(odd, i, None) for i in (0, 3, 5)] == [(0, 3), (10, 3),
-                                                                            (16, 4)]
-    assert [sparse_mnist.segment_steps(odd, i, 7) for i in (0, 3, 5)] == [(0, 7), (21, 7),
-                                                                         (35, 7)]
 
 
-def test_batch_order_draws_one_permutation_per_pass():
-    """Step g trains on batch g % B of pass g // B; windows may span passes."""
-    order = sparse_mnist.BatchOrder(n_train=10, batch_size=3, batches_per_pass=3,
-                                    rng=np.random.default_rng(4))
-    reference = np.random.default_rng(4)
-    passes = [reference.permutation(10)[:9] for _ in range(3)]
-    stream = np.concatenate(passes)  # what steps 0, 1, 2, ... see, 3 images each
-    for first, count in ((0, 2), (2, 3), (5, 4)):
-        window, batch = order.window(first, count)
-        got = [window[(batch + i) * 3:(batch + i + 1) * 3] for i in range(count)]
-        want = [stream[(first + i) * 3:(first + i + 1) * 3] for i in range(count)]
-        np.testing.assert_array_equal(got, want)
-    assert order.state(9) == {}
-    assert sorted(order.state(8)) == ["perm/2"]
+
+def test_run_plan_cuts_epochs_as_the_original():
+    """An epoch's batches shared by the Rig-L steps, the remainder left out; or
+    --batches-per-step-override N per step, from back-to-back passes of all batches."""
+    def plan(*flags):
+        args = sparse_mnist.parse_args(["--steps-per-epoch", "3", "--epochs", "2", *flags])
+        return sparse_mnist.run_plan(args, n_train=160)  # 10 batches of 16
+
+    shared = plan()
+    assert (shared.segment_batches, shared.batches_per_pass, shared.total_segments) == (3, 9, 6)
+    assert (shared.fit_steps_per_segment, shared.micro_batch) == (3, 16)
+    override = plan("--batches-per-step-override", "7")
+    assert (override.segment_batches, override.batches_per_pass) == (7, 10)
+    accumulated = plan("--gradient-accumulation-count", "4")
+    assert (accumulated.fit_steps_per_segment, accumulated.micro_batch) == (12, 4)
+    with pytest.raises(sparse_mnist.UsageError, match="fewer than --steps-per-epoch"):
+        sparse_mnist.run_plan(sparse_mnist.parse_args(["--steps-per-epoch", "11"]), 160)
 
 
 def test_pixel_standardisation_matches_the_training_set(mnist):
@@ -122,52 +133,39 @@ def test_pixel_standardisation_matches_the_training_set(mnist):
 def test_weight_decay_shrinks_connections_that_get_no_gradient(weight_decay):
     """Plain gradient descent: the weights into a unit that never fires get no gradient
     and follow w * (1 - lr * wd)^n; its bias is not decayed and stays put."""
-    from ipu_sparse_ops import optimizers
-
     args = sparse_mnist.parse_args(["--densities", "0.5", "0.5", "--hidden-size", "16",
-                                    "--droprate", "0", "--optimizer", "GradientDescent"])
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, 64).astype(np.uint8)
-    model = sparse_mnist.Model(args, seed=5)
-    model.fc1.bias.assign(np.r_[-1e3, np.zeros(15)].astype(np.float32))  # unit 0 never fires
-    lr = 0.04
-    optimizer = optimizers.make_optimizer("GradientDescent", 0.0)
-    optimizer.build(model.trainable_variables())
-    before = model.fc1.get_triplets()
-    segment = sparse_mnist.make_train_segment(model, optimizer, 8, images, labels,
-                                              tf.Variable(lr), dense_grads=False,
-                                              weight_decay=weight_decay)
-    steps = 8
-    done, *_ = segment(np.arange(64, dtype=np.int32), 0, steps, 0, False)
-    assert int(done) == steps
-    after = model.fc1.get_triplets()
+                                    "--droprate", "0", "--optimizer", "GradientDescent",
+                                    "--weight-decay", str(weight_decay)])
+    images, labels = images_and_labels(np.random.default_rng(0), 64)
+    model = sparse_mnist.build_model(args, seed=5)
+    fc1 = model.get_layer("fc1")
+    fc1.bias.assign(np.r_[-1e3, np.zeros(15)].astype(np.float32))  # unit 0 never fires
+    lr, steps = 0.04, 8
+    model.optimizer.learning_rate.assign(lr)
+    before = fc1.get_triplets()
+    model.fit(images, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == steps
+    after = fc1.get_triplets()
     idle = before.col_indices == 0
     assert 0 < idle.sum() < len(idle)
     expected = before.values[idle].astype(np.float64) * (1 - lr * weight_decay) ** steps
     np.testing.assert_allclose(after.values[idle], expected, rtol=1e-6)
     assert not np.allclose(after.values[~idle], before.values[~idle])  # the rest trained
-    assert model.fc1.bias.numpy()[0] == -1e3
+    assert fc1.bias.numpy()[0] == -1e3
 
 
 def test_each_trace_of_the_training_loop_computes_the_same_thing(mnist):
     """Same start, same batches: bit-identical weights and slots from three separate traces
     (weight decay and momentum on; Grappler once regrouped their adds per trace)."""
-    from ipu_sparse_ops import optimizers
-
-    x_train, y_train = mnist[0], mnist[1]
+    x_train = mnist[0][:800].reshape(800, 784)
+    y_train = mnist[1][:800].astype(np.int32)
     finals = []
     for _ in range(3):
-        args = sparse_mnist.parse_args(["--densities", "0.1", "0.3", "--seed", "1"])
-        model = sparse_mnist.Model(args, 1)
-        optimizer = optimizers.make_optimizer("Momentum", 0.0, momentum=0.9)
-        optimizer.build(model.trainable_variables())
-        segment = sparse_mnist.make_train_segment(model, optimizer, 16, x_train, y_train,
-                                                  tf.Variable(0.02), dense_grads=False,
-                                                  weight_decay=args.weight_decay)
-        segment(np.random.default_rng(0).permutation(60000).astype(np.int32), 0, 50, 0, False)
-        finals.append([v.numpy() for v in model.trainable_variables()]
-                      + list(optimizer.state().values()))
+        args = sparse_mnist.parse_args(["--densities", "0.1", "0.3", "--seed", "1",
+                                        "--optimizer-arg", "momentum=0.9"])
+        model = sparse_mnist.build_model(args, 1, steps_per_execution=25)
+        model.fit(x_train, y_train, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        finals.append([v.numpy() for v in [*model.weights, *model.optimizer.variables]])
     for other in finals[1:]:
         for a, b in zip(finals[0], other):
             np.testing.assert_array_equal(a, b)
@@ -186,31 +184,35 @@ def numpy_sgd_step(x, labels, w1, b1, w2, b2, lr):
             b2 - lr * dlogits.sum(0))
 
 
-@pytest.mark.parametrize("accumulation", [1, 4])
-def test_gradient_accumulation_is_one_step_on_the_whole_batch(accumulation):
-    """N micro-batches of 4, averaged: the SGD step a numpy reference takes on all 16."""
-    from ipu_sparse_ops import optimizers
+def kernels(model):
+    """[fc1 kernel, fc1 bias, fc2 kernel, fc2 bias] as float64, sparse layers densified."""
+    arrays = []
+    for name in ("fc1", "fc2"):
+        layer = model.get_layer(name)
+        kernel = layer.get_dense() if hasattr(layer, "get_dense") else layer.kernel.numpy()
+        arrays += [kernel.astype(np.float64), layer.bias.numpy().astype(np.float64)]
+    return arrays
 
-    args = sparse_mnist.parse_args(["--densities", "1", "1", "--hidden-size", "8", "--droprate",
-                                    "0", "--optimizer", "GradientDescent",
+
+@pytest.mark.parametrize("densities", [("1", "1"), ("0.5", "0.5")])
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_gradient_accumulation_is_one_step_on_the_whole_batch(accumulation, densities):
+    """N micro-batches of 16 / N, averaged: the SGD step a numpy reference takes on all 16
+    (kept to the pattern for sparse layers)."""
+    args = sparse_mnist.parse_args(["--densities", *densities, "--hidden-size", "8",
+                                    "--droprate", "0", "--optimizer", "GradientDescent",
+                                    "--weight-decay", "0",
                                     "--gradient-accumulation-count", str(accumulation)])
-    rng = np.random.default_rng(2)
-    images = rng.integers(0, 256, (32, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, 32).astype(np.uint8)
-    model = sparse_mnist.Model(args, seed=3)
-    before = [v.numpy().astype(np.float64) for v in model.trainable_variables()]
-    optimizer = optimizers.make_optimizer("GradientDescent", 0.0)
-    optimizer.build(model.trainable_variables())
-    segment = sparse_mnist.make_train_segment(model, optimizer, 16, images, labels,
-                                              tf.Variable(0.5), dense_grads=False,
-                                              weight_decay=0.0, accumulation=accumulation)
-    perm = rng.permutation(32).astype(np.int32)
-    segment(perm, 1, 1, 0, False)  # the second batch of 16
-    chosen = perm[16:32]
-    x = (images[chosen].reshape(16, -1) / 255.0 - sparse_mnist.PIXEL_MEAN) / sparse_mnist.PIXEL_STD
-    expected = numpy_sgd_step(x, labels[chosen], *before, lr=0.5)
-    for got, want in zip(model.trainable_variables(), expected):
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-6)
+    images, labels = images_and_labels(np.random.default_rng(2), 16)
+    model = sparse_mnist.build_model(args, seed=3, steps_per_execution=accumulation)
+    model.optimizer.learning_rate.assign(0.5)
+    before = kernels(model)
+    model.fit(images, labels, batch_size=16 // accumulation, epochs=1, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1
+    expected = numpy_sgd_step(standardised(images), labels, *before, lr=0.5)
+    for got, want, old in zip(kernels(model), expected, before):
+        connected = (old != 0) if densities[0] != "1" and old.ndim == 2 else True
+        np.testing.assert_allclose(got, np.where(connected, want, 0), rtol=1e-4, atol=1e-6)
 
 
 def test_block_pixel_permutation_puts_each_block_on_one_tile():
@@ -309,6 +311,7 @@ def test_same_seed_same_result_and_records(mnist, tmp_path):
         assert_same_arrays(a["records"][name], b["records"][name])
     assert a["test_loss"] != c["test_loss"]
     assert not np.array_equal(a["final"]["fc1/metainfo"], c["final"]["fc1/metainfo"])
+    assert a["traces"] == 1
 
     # Records: before training and after each of the T = 4 updates, named by update count,
     # the pattern (.npz) and, as the original, the dense weight (.npy).
@@ -330,11 +333,9 @@ def test_same_seed_same_result_and_records(mnist, tmp_path):
 
 def test_static_sparsity_never_changes_the_pattern(mnist, tmp_path):
     argv = [*SMALL, "--disable-pruning", "--checkpoint-path", str(tmp_path)]
-    initial = sparse_mnist.Model(sparse_mnist.parse_args(argv), 3).fc1.get_triplets()
-    final = final_checkpoint(train(argv, mnist)["run_folder"])[1]
-    model = sparse_mnist.Model(sparse_mnist.parse_args(argv), 3)
-    model.fc1.load_state({k[4:]: v for k, v in final.items() if k.startswith("fc1/")})
-    after = model.fc1.get_triplets()
+    initial = sparse_mnist.build_model(sparse_mnist.parse_args(argv), 3).get_layer(
+        "fc1").get_triplets()
+    after = train(argv, mnist)["model"].get_layer("fc1").get_triplets()
     np.testing.assert_array_equal(after.row_indices, initial.row_indices)
     np.testing.assert_array_equal(after.col_indices, initial.col_indices)
     assert not np.array_equal(after.values, initial.values)  # it did train
@@ -416,13 +417,13 @@ def test_kill_and_resume_latest_matches_uninterrupted_run(mnist, tmp_path):
     meta, arrays = final_checkpoint(run_folder(resumed / "ckpt"))
     ref_meta, ref_arrays = final_checkpoint(expected["run_folder"])
     assert_same_arrays(arrays, ref_arrays)
-    assert meta["rng_state"] == ref_meta["rng_state"] and meta["step"] == ref_meta["step"]
+    assert meta["epochs_done"] == ref_meta["epochs_done"] == 2
     got, want = records(resumed / "records"), records(reference / "records")
     assert sorted(got) == sorted(want), f"killed {delay:.2f} s after the first checkpoint"
     for name in want:
         assert_same_arrays(got[name], want[name])
     assert not list((resumed / "ckpt").glob("**/.partial-*"))
-    assert len(list(run_folder(resumed / "ckpt").glob("checkpoint-*.npz"))) == 1
+    assert len(list(run_folder(resumed / "ckpt").glob("checkpoint-*.keras"))) == 1
 
 
 @pytest.mark.slow
@@ -483,6 +484,7 @@ def bad_input_cases(tmp_path):
         (["--optimizer-arg", "momentum"], "name=<json>"),
         (["--optimizer-arg", "learning_rate=1"], "schedule"),
         (["--optimizer-arg", "use_nesterov=1"], "use_nesterov must be true or false"),
+        (["--optimizer-arg", "momentum=1.5"], "momentum must be finite and in [0, 1]"),
         (["--optimizer", "adam", "--optimizer-arg", "momentum=0.9"],
          "Adam has no option 'momentum'"),
         (["--records-path", str(a_file / "records")], "--records-path"),
@@ -631,7 +633,7 @@ def test_restore_resumes_the_schedules_at_start_epoch(mnist, tmp_path, monkeypat
 
     def save_and_keep_epoch_1(folder, *args):
         save(folder, *args)
-        if args[3] == 2:  # segments_done: 2 Rig-L steps per epoch
+        if args[2] == 1:  # epochs_done
             shutil.copytree(folder, tmp_path / "kept" / "epoch1")
 
     monkeypatch.setattr(sparse_mnist, "save_checkpoint", save_and_keep_epoch_1)
@@ -645,39 +647,44 @@ def test_restore_resumes_the_schedules_at_start_epoch(mnist, tmp_path, monkeypat
                        final_checkpoint(full["run_folder"])[1])
 
 
-def test_nan_loss_stops_training(mnist, capsys):
-    code, err = run_main([*SMALL, "--optimizer-arg", "momentum=1e30"], capsys)
+def test_nan_loss_stops_training(mnist, capsys, monkeypatch):
+    monkeypatch.setattr(sparse_mnist, "learning_rate", lambda *args: 1e30)
+    code, err = run_main([*SMALL, "--disable-pruning"], capsys)  # Rig-L stops at a NaN too
     assert code == 1
-    assert err.count("\n") == 1 and "the loss became NaN/Inf at training step" in err, err
+    assert err.count("\n") == 1 and "the loss became NaN/Inf in Rig-L step" in err, err
 
 
 def test_nan_dense_gradient_stops_before_touching_any_pattern():
-    from ipu_sparse_ops import optimizers
+    from ipu_sparse_ops import rigl
+    from ipu_sparse_ops.keras import RigL
 
     args = sparse_mnist.parse_args([*SMALL, "--hidden-size", "32"])
-    model = sparse_mnist.Model(args, 3)
-    optimizer = optimizers.make_optimizer("momentum", 0.1)
-    optimizer.build(model.trainable_variables())
-    before = {name: layer.get_triplets() for name, layer in model.sparse_layers.items()}
-    good = [np.ones(layer.dense_grad_anchor.shape, np.float32)
-            for layer in model.sparse_layers.values()]
+    model = sparse_mnist.build_model(args, 3)
+    layers = [model.get_layer("fc1"), model.get_layer("fc2")]
+    callback = RigL(1, total_steps=3, seed=0)
+    callback.set_model(model)
+    callback.on_train_begin()
+    before = [layer.get_triplets() for layer in layers]
+    for layer in layers:
+        layer.dense_grad.assign(np.ones(layer.dense_grad.shape, np.float32))
+    good = layers[1].dense_grad.numpy()
     for bad in (np.nan, np.inf):
-        grads = [g.copy() for g in good]
-        grads[1][3, 4] = bad  # fc2's gradient is bad: fc1 must not change either
-        with pytest.raises(sparse_mnist.TrainingError, match="fc2: .* NaN/Inf"):
-            sparse_mnist.update_patterns(model, optimizer, grads, 1, 3, args,
-                                         np.random.default_rng(0))
-        for name, layer in model.sparse_layers.items():
+        grad = good.copy()
+        grad[3, 4] = bad  # fc2's gradient is bad: fc1 must not change either
+        layers[1].dense_grad.assign(grad)
+        with pytest.raises(rigl.NonFiniteGradientError, match="fc2: .* NaN/Inf"):
+            callback._update(1)
+        for layer, old in zip(layers, before):
             after = layer.get_triplets()
-            np.testing.assert_array_equal(after.row_indices, before[name].row_indices)
-            np.testing.assert_array_equal(after.col_indices, before[name].col_indices)
-    moved = sparse_mnist.update_patterns(model, optimizer, good, 1, 3, args,
-                                         np.random.default_rng(0))
+            np.testing.assert_array_equal(after.row_indices, old.row_indices)
+            np.testing.assert_array_equal(after.col_indices, old.col_indices)
+    layers[1].dense_grad.assign(good)
+    callback._update(1)
     # Update 1 of 3 moves ceil(ceil(0.3 * nnz) * 0.5 * (1 + cos(pi / 3))), 0.75 of the most:
     # fc1 784x32 at 0.1 (nnz 2509, at most 753), fc2 32x10 at 0.3 (nnz 96, at most 29).
+    moved = {name: layer["moved"] for name, layer in callback.history[-1]["layers"].items()}
     assert moved == {"fc1": 565, "fc2": 22}
-    assert {name: layer.nnz for name, layer in model.sparse_layers.items()} == {
-        "fc1": 2509, "fc2": 96}
+    assert [layer.nnz for layer in layers] == [2509, 96]
 
 
 def test_corrupt_or_foreign_checkpoint_gives_one_line(mnist, tmp_path, capsys):
@@ -687,7 +694,7 @@ def test_corrupt_or_foreign_checkpoint_gives_one_line(mnist, tmp_path, capsys):
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     code, err = run_main([*SMALL, "--seed", "4", *restore], capsys)
     assert code == 2 and err.count("\n") == 1 and "belongs to another run: seed=3" in err, err
-    npz = ckpt / meta["arrays"]
+    npz = ckpt / meta["model"]
     blob = bytearray(npz.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     npz.write_bytes(bytes(blob))
