@@ -64,3 +64,33 @@ def test_write_atomically_mode(tmp_path):
         os.umask(old_umask)
     assert (tmp_path / "usual").stat().st_mode & 0o777 == 0o640  # 0666 less the umask
     assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o644
+
+
+def test_batch_dataset_cuts_keyed_passes_and_resumes_at_any_step():
+    """Step g is batch g % B of pass g // B, each pass a permutation (no image twice);
+    a dataset started at step k yields what the full one yields from step k on."""
+    import numpy as np
+
+    from ipu_sparse_ops.training_run import batch_dataset
+
+    x = np.arange(10, dtype=np.int32)
+    y = -x
+
+    def steps(first_step, count, seed=7):
+        data = batch_dataset(x, y, batch_size=3, batches_per_pass=3, seed=seed,
+                             first_step=first_step)
+        return [(xb.numpy(), yb.numpy()) for xb, yb in data.take(count)]
+
+    full = steps(0, 9)
+    for xb, yb in full:
+        np.testing.assert_array_equal(yb, -xb)
+    passes = [np.concatenate([xb for xb, _ in full[p * 3:p * 3 + 3]]) for p in range(3)]
+    for images in passes:
+        assert len(set(images)) == 9  # 9 of the 10, each at most once
+    assert not all(np.array_equal(passes[0], other) for other in passes[1:])
+    for first in (1, 3, 5):
+        for (a, _), (b, _) in zip(steps(first, 9 - first), full[first:]):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(steps(0, 3, seed=8)[0][0], full[0][0])
+    with pytest.raises(ValueError, match="need more than 10 samples"):
+        batch_dataset(x, y, batch_size=3, batches_per_pass=4, seed=0)
