@@ -13,13 +13,16 @@ Graphcore's original:
         norms with one group (gamma starts at 0.1)
     sparse output projection hidden -> 10, summed over the tokens
 
-Every projection is a dynamic sparse matmul. An epoch is cut into
-`--steps-per-epoch` segments; the training steps of a segment run inside one
-traced TensorFlow loop, and only its last step computes each layer's dense
-(or block-pooled) weight gradient. Between segments the host prunes the
-weakest connections of every sparse layer and regrows as many where that
-layer's own gradient is largest (Rig-L, Evci et al. 2020) or at random, the
-count following a cosine schedule; optimizer slots follow the new pattern.
+Every projection is an `ipu_sparse_ops.keras.SparseDense` (a dynamic sparse
+matmul), and the model a Keras functional model trained by one `model.fit`.
+An epoch is cut into `--steps-per-epoch` segments; the training steps of a
+segment run as one execution of the traced loop (`steps_per_execution`), and
+only its last step computes each layer's dense (or block-pooled) weight
+gradient. Between segments the `RigL` callback prunes the weakest connections
+of every sparse layer and regrows as many where that layer's own gradient is
+largest (Rig-L, Evci et al. 2020) or at random, the count following a cosine
+schedule; the optimizer's slots follow the new pattern. The trained model is
+a .keras file; its flags go in a JSON beside it.
 
 The defaults are the original's (batch 2, one epoch, test accuracy >= 0.85);
 `--recipe fast` is this project's (batch 32, four epochs, >= 0.97).
@@ -32,25 +35,24 @@ The defaults are the original's (batch 2, one epoch, test accuracy >= 0.85);
     python sparse_transformer_rigl_mnist.py --mode test --train-checkpoint-path ckpt
 """
 
-import sys
-from pathlib import Path
-
-
 import argparse
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from ipu_sparse_ops import sparse_training
 from ipu_sparse_ops.cli import ArgumentParser
 from ipu_sparse_ops.ipu_only_flags import IPU_ONLY, IpuOnlyFlag
+from ipu_sparse_ops.keras_optimizers import check_options, optimizer_name, parse_optimizer_args
 from ipu_sparse_ops.training_run import (
-    SegmentPlan, TrainingError, UsageError, check_writable_dir, make_segment_loop, parse_flags,
-    report_failure, write_atomically)
+    TrainingError, UsageError, batch_dataset, check_writable_dir, parse_flags, read_sidecar,
+    report_failure, save_model_with_sidecar, steps_per_segment)
 
 logger = logging.getLogger("sparse_transformer")
 
@@ -82,7 +84,7 @@ BASE_LEARNING_RATES = {"gradientdescent": 0.05, "momentum": 0.01, "adam": 0.005}
 LR_DECAY = ((0.0, 1.0), (0.25, 0.5), (0.5, 0.3), (0.75, 0.1))
 WARMUP_FRACTION = 0.05
 EVAL_BATCH = 500
-CHECKPOINT_NAME = "sparse_transformer.npz"
+CHECKPOINT_NAME = "sparse_transformer.keras"  # and its flags in sparse_transformer.json
 # Flags that fix the model's shape; a checkpoint only loads into a model that agrees.
 MODEL_FLAGS = ("attention_heads", "hidden_length", "qkv_length", "ff_length", "data_type",
                "sparsity", "block_size", "pooling_type", "disable_concat_qkv",
@@ -374,20 +376,15 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
                          "wrote)")
     if args.checkpoint_path is not None and args.mode != "test":
         check_writable_dir(args.checkpoint_path, "--train-checkpoint-path")
-    # Last, as it imports TensorFlow.
     try:
-        from ipu_sparse_ops.optimizers import make_optimizer, optimizer_class, parse_optimizer_args
-    except ImportError as e:  # pragma: no cover - missing build
-        raise UsageError(f"cannot import ipu_sparse_ops ({e}); run `make -j` first") from None
-    try:
-        optimizer_class(args.optimizer)
+        args.optimizer = optimizer_name(args.optimizer)
     except ValueError as e:
         raise UsageError(f"--optimizer: {e}") from None
     try:
         args.optimizer_options = parse_optimizer_args(args.optimizer_arg)
         if "learning_rate" in args.optimizer_options:
             raise ValueError("the learning rate is set with --learning-rate")
-        make_optimizer(args.optimizer, 0.001, **args.optimizer_options)  # checks the options
+        check_options(args.optimizer, args.optimizer_options)
     except ValueError as e:
         raise UsageError(f"--optimizer-arg: {e}") from None
 
@@ -402,99 +399,63 @@ def base_learning_rate(args) -> float:
     return BASE_LEARNING_RATES[args.optimizer.lower()]
 
 
-def learning_rate_schedule(args, plan: SegmentPlan) -> tuple[list[int], list[float], float]:
-    """(first step of each later LR_DECAY stage, rate of every stage, warm-up steps).
+def learning_rate_schedule(args, steps_per_epoch: int):
+    """The run's `StepDecay`: LR_DECAY's stages from the base rate.
 
     The original recipe changes the rate at whole epochs (epoch / nepochs past each
-    fraction) and has no warm-up; the fast one at steps, after a warm-up.
+    fraction) and has no warm-up; the fast one at training steps, after a warm-up.
     """
+    from ipu_sparse_ops.transformer import StepDecay
+
     base = base_learning_rate(args)
     rates = [base * factor for _, factor in LR_DECAY]
     fractions = [fraction for fraction, _ in LR_DECAY[1:]]
+    total = steps_per_epoch * args.nepochs
     if args.recipe == "original":
-        epochs = [math.ceil(fraction * plan.epochs) for fraction in fractions]
-        return [epoch * plan.batches_per_epoch for epoch in epochs], rates, 1.0
-    return plan.boundary_steps(fractions), rates, max(1.0, WARMUP_FRACTION * plan.total_steps)
+        boundaries = [math.ceil(f * args.nepochs) * steps_per_epoch for f in fractions]
+        return StepDecay(boundaries, rates)
+    return StepDecay([math.ceil(f * total) for f in fractions], rates,
+                     max(1.0, WARMUP_FRACTION * total))
 
 
 # ---- model -----------------------------------------------------------------------------
 
 def build_model(args, seed: int):
-    from ipu_sparse_ops.transformer import SequenceClassifier, SparsityConfig
+    """The classifier of the flags, its weights drawn from `seed` (not compiled)."""
+    from ipu_sparse_ops.transformer import Settings, classifier
 
-    config = SparsityConfig(args.sparsity, args.block_size, args.data_type, args.pooling_type)
-    return SequenceClassifier(
-        in_features=TOKEN_WIDTH, max_tokens=TOKENS, classes=NUM_CLASSES,
-        hidden=args.hidden_length, heads=args.attention_heads, qkv_length=args.qkv_length,
-        ff=args.ff_length, config=config, seed=np.random.SeedSequence(seed, spawn_key=(0,)),
-        keep_prob=args.dropout_keep_prob, concat_qkv=not args.disable_concat_qkv,
-        attention_bias=not args.exclude_attention_biases)
-
-
-def _images(images_uint8, dtype):
-    """uint8 [n, 28, 28] -> tokens in [0, 1] of the model's dtype."""
-    from ipu_sparse_ops.tf_startup import tf
-
-    return tf.cast(tf.cast(images_uint8, tf.float32) / 255.0, dtype)
+    settings = Settings(args.sparsity, args.block_size, args.data_type, args.pooling_type,
+                        seed=seed, dropout_rate=1.0 - args.dropout_keep_prob)
+    return classifier(tokens=TOKENS, in_features=TOKEN_WIDTH, classes=NUM_CLASSES,
+                      hidden=args.hidden_length, heads=args.attention_heads,
+                      qkv_length=args.qkv_length, ff=args.ff_length, settings=settings,
+                      concat_qkv=not args.disable_concat_qkv,
+                      attention_bias=not args.exclude_attention_biases)
 
 
-def make_train_segment(model, optimizer, plan: SegmentPlan, x_train, y_train, batch_size: int,
-                       schedule: tuple[list[int], list[float], float], seed: int,
-                       dense_grads: bool):
-    """The segment loop (`training_run.make_segment_loop`) over this model's training step.
+def compile_model(model, optimizer="sgd", steps_per_execution: int = 1) -> None:
+    """Cross-entropy of the logits and accuracy, the figures training and testing report."""
+    import keras
 
-    `schedule` is `learning_rate_schedule`'s. The dense gradients are one per
-    sparse layer, with respect to its anchor; with `dense_grads` False they are
-    not in the graph at all.
-    """
-    from ipu_sparse_ops.tf_startup import tf
-
-    dtype = model.compute_dtype
-    trainables = model.trainable_variables_list()
-    anchors = ([layer.dense_grad_anchor for layer in model.named_sparse_layers().values()]
-               if dense_grads else [])
-    boundaries, rates, warmup_steps = schedule
-    boundaries = tf.constant(boundaries, tf.int64)
-    rates = tf.constant(rates, tf.float32)
-    warmup_steps = tf.constant(warmup_steps, tf.float32)  # 1: no warm-up
-    x_train = tf.convert_to_tensor(x_train)
-    y_train = tf.convert_to_tensor(y_train.astype(np.int32))
-    run_seed = tf.constant(seed % 2**62, tf.int64)
-
-    def step_fn(perm, batch, step, compute_dense_grad):
-        indices = perm[batch * batch_size:(batch + 1) * batch_size]
-        x = _images(tf.gather(x_train, indices), dtype)
-        labels = tf.gather(y_train, indices)
-        with tf.GradientTape() as tape:
-            tape.watch(anchors)
-            logits = model(x, compute_dense_grad=compute_dense_grad,
-                           dropout_seed=tf.stack([run_seed, step]))
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-        grads = tape.gradient(loss, trainables + anchors)
-        lr = tf.gather(rates, tf.reduce_sum(tf.cast(step >= boundaries, tf.int32)))
-        lr *= tf.minimum(1.0, tf.cast(step + 1, tf.float32) / warmup_steps)
-        optimizer.apply_gradients(zip(grads[:len(trainables)], trainables), learning_rate=lr)
-        correct = tf.reduce_sum(tf.cast(
-            tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.int32))
-        return loss, correct, grads[len(trainables):]
-
-    return make_segment_loop(step_fn, anchors)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], steps_per_execution=steps_per_execution)
 
 
-def make_evaluate(model):
-    """tf.function(images uint8 [n, 28, 28], labels) -> (summed loss, correct count)."""
-    from ipu_sparse_ops.tf_startup import tf
+def describe(model) -> None:
+    from ipu_sparse_ops.keras import SparseDense
+    from ipu_sparse_ops.transformer import projections
 
-    @tf.function(input_signature=[tf.TensorSpec([None, TOKENS, TOKEN_WIDTH], tf.uint8),
-                                  tf.TensorSpec([None], tf.int32)])
-    def evaluate(images, labels):
-        logits = model(_images(images, model.compute_dtype))
-        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-        correct = tf.reduce_sum(tf.cast(
-            tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.int32))
-        return loss, correct
-
-    return evaluate
+    for layer in projections(model):
+        if not isinstance(layer, SparseDense):
+            logger.info("%-24s Dense %dx%d", layer.name, *layer.kernel.shape)
+            continue
+        spec = layer.spec
+        unit = "elements" if spec.block_size == 1 else f"{spec.block_size}x{spec.block_size} blocks"
+        padded = ("" if (spec.input_size, spec.output_size) == (layer.input_size, layer.units)
+                  else f" (padded from {layer.input_size}x{layer.units})")
+        logger.info("%-24s SparseDense %dx%d%s: %d of %d %s", layer.name, spec.input_size,
+                    spec.output_size, padded, layer.nnz, spec.input_blocks * spec.output_blocks,
+                    unit)
 
 
 # ---- checkpoints -----------------------------------------------------------------------
@@ -504,146 +465,109 @@ def model_config(args) -> dict:
 
 
 def save_model(folder: Path, model, args, seed: int) -> Path:
-    """Weights and patterns as one npz (no pickle), written to a temp file and renamed."""
+    """The model (.keras, optimizer included) and a JSON of its flags and seed beside it."""
     path = folder / CHECKPOINT_NAME
-    arrays = dict(model.state())
-    arrays["config"] = np.array(json.dumps({**model_config(args), "random_seed": seed}))
-    write_atomically(path, lambda f: np.savez(f, **arrays))
+    save_model_with_sidecar(model, path, {"flags": model_config(args), "random_seed": seed})
     return path
 
 
 def load_model(folder: Path, args):
-    """(model, seed) rebuilt from a checkpoint; UsageError for a missing, corrupt or foreign one."""
+    """(model, seed) from a checkpoint; UsageError for a missing, corrupt or foreign one."""
+    import keras
+    import ipu_sparse_ops.transformer  # noqa: F401 - registers its layers for load_model
+
     path = folder / CHECKPOINT_NAME
     try:
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-        saved = json.loads(str(arrays.pop("config")))
+        meta = read_sidecar(path)
+        saved, seed = meta["flags"], int(meta["random_seed"])
     except FileNotFoundError:
-        raise UsageError(f"no trained model in {folder} (expected {CHECKPOINT_NAME}; "
-                         "run --mode train with this --checkpoint-path first)") from None
-    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise UsageError(f"no trained model in {folder} (expected {CHECKPOINT_NAME} and its "
+                         ".json; run --mode train with this --train-checkpoint-path first)"
+                         ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"corrupt checkpoint {path}: {e}") from None
-    wanted = model_config(args)
     diffs = [f"--{key.replace('_', '-')} {saved.get(key)} (given {value})"
-             for key, value in wanted.items() if saved.get(key) != value]
+             for key, value in model_config(args).items() if saved.get(key) != value]
     if diffs:
         raise UsageError(f"{path} was trained with {', '.join(diffs)}")
-    model = build_model(args, int(saved["random_seed"]))
     try:
-        model.load_state(arrays)
-    except Exception as e:  # noqa: BLE001 - any defect in the arrays is a corrupt checkpoint
-        raise UsageError(f"corrupt checkpoint {path}: {e}") from None
-    return model, int(saved["random_seed"])
+        model = keras.models.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001 - any defect in the file is a corrupt checkpoint
+        raise UsageError(f"corrupt checkpoint {path}: {str(e).splitlines()[0]}") from None
+    return model, seed
 
 
 # ---- training and testing --------------------------------------------------------------
 
-def describe(model) -> None:
-    for name, lin in model.named_linears().items():
-        spec = lin.spec
-        total = spec.input_blocks * spec.output_blocks
-        unit = "elements" if spec.block_size == 1 else f"{spec.block_size}x{spec.block_size} blocks"
-        padded = ("" if (spec.input_size, spec.output_size) == (lin.in_features, lin.out_features)
-                  else f" (padded from {lin.in_features}x{lin.out_features})")
-        logger.info("%-22s %s %dx%d%s: %d of %d %s", name, type(lin.fc).__name__,
-                    spec.input_size, spec.output_size, padded, lin.fc.nnz, total, unit)
-
-
 def train(args, x_train, y_train, seed: int):
-    """The Rig-L training run; returns (model, results). Raises UsageError / TrainingError."""
-    from ipu_sparse_ops import optimizers, rigl
+    """The Rig-L training run, one `model.fit`; returns (model, results).
 
-    n_train = len(x_train)
-    batches_per_epoch = n_train // args.batch_size
-    if batches_per_epoch < args.steps_per_epoch:
-        raise UsageError(f"{n_train} training images make {batches_per_epoch} batches of "
-                         f"{args.batch_size}, fewer than --steps-per-epoch {args.steps_per_epoch}")
-    plan = SegmentPlan(batches_per_epoch, args.steps_per_epoch, args.nepochs)
-    schedule = learning_rate_schedule(args, plan)
-    optimizer = optimizers.make_optimizer(args.optimizer, schedule[1][0],
-                                          **args.optimizer_options)
-    if (args.data_type == "fp16" and isinstance(optimizer, optimizers.Adam)
-            and optimizer.epsilon is None):  # Adam picks a larger epsilon for float16
-        logger.info("fp16: Adam epsilon %g (pass --optimizer-arg epsilon=... to change it)",
-                    optimizer.epsilon_for("float16"))
+    Raises UsageError / TrainingError.
+    """
+    import keras
+    from ipu_sparse_ops import rigl
+    from ipu_sparse_ops.keras import RigL, sparse_layers
+    from ipu_sparse_ops.keras_optimizers import make_optimizer
+    from ipu_sparse_ops.segment_log import SegmentLog
+    from ipu_sparse_ops.transformer.encoder import Settings
+
+    segment = steps_per_segment(len(x_train), args.batch_size, args.steps_per_epoch)
+    segments = args.steps_per_epoch * args.nepochs
+    steps_per_epoch = segment * args.steps_per_epoch
     model = build_model(args, seed)
-    describe(model)
-    optimizer.build(model.trainable_variables_list())
-    sparse_layers = model.named_sparse_layers()
-    real_elements = model.padded_real_elements()
-    # Shuffling and random regrowth.
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
-    prune_count = sparse_training.prune_schedule("cosine", **args.cosine_options)
-    do_updates = bool(not args.disable_updating and sparse_layers and plan.num_updates > 0
+    sparse = sparse_layers(model)
+    do_updates = bool(not args.disable_updating and sparse and segments > 1
                       and args.prune_ratio > 0.0)
-    if do_updates and args.cosine_options["zero_steps"] >= plan.total_segments:
+    if do_updates and args.cosine_options["zero_steps"] >= segments:
         raise UsageError(f"--cosine-prune-schedule: zero_steps "
                          f"{args.cosine_options['zero_steps']} must be below the "
-                         f"{plan.total_segments} Rig-L steps of this run")
-    want_grads = do_updates and args.regrow_type == "rigl"
-    train_segment = make_train_segment(model, optimizer, plan, x_train, y_train,
-                                       args.batch_size, schedule, seed, want_grads)
+                         f"{segments} Rig-L steps of this run")
+    dtype = Settings(data_type=args.data_type).dtype
+    optimizer = make_optimizer(args.optimizer, learning_rate_schedule(args, steps_per_epoch),
+                               dtype=dtype, **args.optimizer_options)
+    compile_model(model, optimizer, segment)
+    model.optimizer.build(model.trainable_variables)
+    describe(model)
+    # As the original: update t = 1..T - 1 of T = steps per epoch x epochs.
+    rigl_callback = RigL(segment, prune_ratio=args.prune_ratio, regrow=args.regrow_type,
+                         cosine_options=args.cosine_options, seed=Settings(seed=seed).seed_of(
+                             "regrow"), total_steps=segments * segment,
+                         update_at_end=False) if do_updates else None
+    log = SegmentLog(batch_size=args.batch_size, segments=segments, steps_per_segment=segment,
+                     rigl=rigl_callback, tokens=TOKENS, logger=logger)
+    traces = []  # SparseDense traces after each segment: a pattern update must add none
+    count = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: traces.append(
+        sum(layer.traces for layer in sparse)))
+    dataset = batch_dataset(x_train, y_train.astype(np.int32), batch_size=args.batch_size,
+                            batches_per_pass=steps_per_epoch,
+                            seed=Settings(seed=seed).seed_of("shuffle"))
     logger.info("%d training images, batch size %d: %d steps in %d Rig-L segments, "
-                "%d pattern updates", n_train, args.batch_size, plan.total_steps,
-                plan.total_segments, plan.num_updates if do_updates else 0)
-
-    samples, train_seconds, perm = 0, 0.0, None
-    for segment in range(plan.total_segments):
-        epoch, first, count = plan.segment(segment)
-        if first == 0:
-            perm = rng.permutation(n_train).astype(np.int32)
-        update = do_updates and segment < plan.num_updates
-        step = epoch * plan.batches_per_epoch + first
-        started = time.perf_counter()
-        done, loss_sum, correct, grads = train_segment(perm, first, count, step,
-                                                       update and want_grads)
-        done = int(done)
-        if done < count:
-            raise TrainingError(f"the loss became NaN/Inf at training step {step + done - 1}")
-        moved = {}
-        if update:
-            # As the original: update t = 1..T - 1 of T = steps per epoch x epochs.
-            counts = {name: prune_count(segment + 1, plan.total_segments, args.prune_ratio,
-                                        layer.nnz)
-                      for name, layer in sparse_layers.items()}
-            dense = dict(zip(sparse_layers, (g.numpy() for g in grads)))
-            try:
-                moved = rigl.rigl_update_layers(sparse_layers, optimizer, dense, counts,
-                                                args.regrow_type, rng, real_elements)
-            except rigl.NonFiniteGradientError as e:
-                raise TrainingError(str(e)) from None
-        elapsed = time.perf_counter() - started
-        train_seconds += elapsed
-        samples += count * args.batch_size
-        logger.info("Rig-L step %d/%d  epoch %d/%d  loss %.4f  train acc %.4f  "
-                    "%.0f samples/s  %.0f tokens/s%s", segment + 1, plan.total_segments,
-                    epoch + 1, plan.epochs, float(loss_sum) / count,
-                    int(correct) / (count * args.batch_size), count * args.batch_size / elapsed,
-                    count * args.batch_size * TOKENS / elapsed,
-                    f"  moved {sum(moved.values())} connections" if moved else "")
-        if moved:
-            logger.debug("moved per layer: %s", moved)
-    traces = train_segment.experimental_get_tracing_count()
-    logger.debug("the training loop was traced %d time(s)", traces)
-    return model, {"samples": samples, "train_seconds": train_seconds, "traces": traces}
+                "%d pattern updates", len(x_train), args.batch_size, segments * segment,
+                segments, segments - 1 if do_updates else 0)
+    try:
+        model.fit(dataset, epochs=args.nepochs, steps_per_epoch=steps_per_epoch, verbose=0,
+                  shuffle=False,  # the dataset is shuffled already
+                  callbacks=[*([rigl_callback] if rigl_callback else []), log, count])
+    except rigl.NonFiniteGradientError as e:
+        raise TrainingError(str(e)) from None
+    records = log.records
+    retraces = traces[-1] - traces[0] if traces else 0
+    logger.debug("SparseDense layers traced again after the first segment: %d", retraces)
+    return model, {"samples": sum(r["samples"] for r in records),
+                   "train_seconds": sum(r["seconds"] for r in records), "retraces": retraces,
+                   "updates": rigl_callback.history if rigl_callback else []}
 
 
 def test(model, x_test, y_test) -> dict:
-    evaluate = make_evaluate(model)
-    labels = y_test.astype(np.int32)
-    loss_sum, correct = 0.0, 0
+    """Mean cross-entropy and accuracy over the test images (no dropout), and the time taken."""
     started = time.perf_counter()
-    for first in range(0, len(x_test), EVAL_BATCH):
-        loss, right = evaluate(x_test[first:first + EVAL_BATCH], labels[first:first + EVAL_BATCH])
-        loss_sum += float(loss)
-        correct += int(right)
+    results = model.evaluate(x_test, y_test.astype(np.int32), batch_size=EVAL_BATCH, verbose=0,
+                             return_dict=True)
     seconds = time.perf_counter() - started
-    n = len(x_test)
-    if not math.isfinite(loss_sum):
+    if not math.isfinite(results["loss"]):
         raise TrainingError("the test loss is NaN/Inf; the weights have diverged")
-    return {"test_loss": loss_sum / n, "test_accuracy": correct / n, "test_seconds": seconds,
-            "test_samples": n}
+    return {"test_loss": float(results["loss"]), "test_accuracy": float(results["accuracy"]),
+            "test_seconds": seconds, "test_samples": len(x_test)}
 
 
 def run(args) -> int:
@@ -658,6 +582,7 @@ def run(args) -> int:
 
     if args.mode == "test":
         model, seed = load_model(args.checkpoint_path, args)
+        compile_model(model)
         logger.info("loaded %s (seed %d)", args.checkpoint_path / CHECKPOINT_NAME, seed)
     else:
         seed = args.random_seed

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import math
 import os
 import sys
@@ -150,6 +152,50 @@ def save_model_atomically(model, path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+
+
+def steps_per_segment(n_train: int, batch_size: int, segments_per_epoch: int) -> int:
+    """Training steps of one Rig-L segment: an epoch's batches shared equally (the
+    remainder left out), so that `fit` runs every segment as one execution of that
+    many steps. Raises UsageError when the epoch has fewer batches than segments."""
+    steps = n_train // batch_size // segments_per_epoch
+    if steps < 1:
+        raise UsageError(f"{n_train} training images make {n_train // batch_size} batches of "
+                         f"{batch_size}, fewer than --steps-per-epoch {segments_per_epoch}")
+    return steps
+
+
+def save_model_with_sidecar(model, path: Path, sidecar: dict) -> None:
+    """The model as the .keras file `path`, then `sidecar` plus the file's SHA-256 as the
+    JSON beside it (`path` with suffix .json), both atomically: a kill leaves either the
+    old pair or a JSON that names a complete model."""
+    path = Path(path)
+    save_model_atomically(model, path)
+    meta = {**sidecar, "model": path.name, "sha256": _sha256(path)}
+    write_atomically(path.with_suffix(".json"),
+                     lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+
+def read_sidecar(path: Path) -> dict:
+    """The JSON `save_model_with_sidecar` wrote beside the .keras file `path`, checked
+    against the file's SHA-256. Raises FileNotFoundError if either file is missing and
+    ValueError if the JSON is unreadable or the model file does not match it."""
+    path = Path(path)
+    text = path.with_suffix(".json").read_text()
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        meta = json.loads(text)
+        digest = meta["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path.with_suffix('.json').name} is not a sidecar ({e})") from None
+    if _sha256(path) != digest:
+        raise ValueError(f"{path.name} does not match the SHA-256 recorded beside it")
+    return meta
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_atomically(path: Path, write: Callable, mode: int | None = None) -> None:

@@ -1,9 +1,9 @@
 """Numerics check: sparse transformer pieces against an equal dense model.
 
 For each part (the feed-forward block, self-attention, a whole pre-norm
-encoder layer) it builds the sparse part and its dense twin holding the same
-weights densified (`SparsityConfig(dense=True)`, same seed), runs both on the
-same input and upstream gradient, and compares
+encoder layer) it builds the sparse part as a Keras model and its dense twin
+holding the same weights densified (`ipu_sparse_ops.keras.to_dense`), runs
+both in training mode on the same input and upstream gradient, and compares
 
 - the activations,
 - the gradient with respect to the input,
@@ -67,41 +67,54 @@ def parse_args(argv=None):
     return args
 
 
-def build_part(part: str, args, config):
-    """The part called `part` for `config` (weights from args.seed: the twins agree)."""
-    from ipu_sparse_ops.transformer import EncoderLayer, FeedForward, SelfAttention
+def build_part(part: str, args, settings):
+    """The part called `part` as a Keras model of [batch, tokens, hidden] (weights from
+    args.seed)."""
+    import keras
+    from ipu_sparse_ops.transformer import encoder_layer, feed_forward, self_attention
 
-    h = args.hidden_length
+    x = keras.Input((args.tokens, args.hidden_length), dtype=settings.dtype)
     if part == "ffn":
-        return FeedForward(h, args.ff_length, config, seed=args.seed)
-    if part == "attention":
-        return SelfAttention(h, args.attention_heads, args.qkv_length, config, seed=args.seed)
-    return EncoderLayer(h, args.attention_heads, args.qkv_length, args.ff_length, config,
-                        seed=args.seed)
+        y = feed_forward(x, args.ff_length, settings, "ffn")
+    elif part == "attention":
+        y = self_attention(x, args.attention_heads, args.qkv_length, settings, "attention")
+    else:
+        y = encoder_layer(x, args.attention_heads, args.qkv_length, args.ff_length, settings,
+                          "encoder")
+    return keras.Model(x, y, name=part)
 
 
-def run_part(layer, x, upstream, dense_grads: bool):
-    """(y, dx, {leaf path: [variable grads]}, {linear path: dense-grad anchor grad})."""
+def dense_twin(model):
+    """The reference: `model` with every SparseDense a Dense holding the same weights."""
+    from ipu_sparse_ops.keras import to_dense
+
+    return to_dense(model)
+
+
+def run_part(model, x, upstream):
+    """(y, dx, {layer name: [gradients of its trainable weights]}) of a training-mode call.
+
+    Every SparseDense is asked for its dense gradient of this call (`dense_grad`).
+    """
+    from ipu_sparse_ops.keras import sparse_layers
     from ipu_sparse_ops.tf_startup import tf
 
-    leaves = layer.named_leaves()
-    variables = {path: leaf.trainable_variables_list() for path, leaf in leaves.items()}
-    flat = [v for vs in variables.values() for v in vs]
-    sparse = layer.named_sparse_layers() if dense_grads else {}
-    anchors = [fc.dense_grad_anchor for fc in sparse.values()]
+    for layer in sparse_layers(model):
+        layer.dense_grad_countdown.assign(1)
+    layers = [layer for layer in model.layers if layer.trainable_weights]
+    weights = [w for layer in layers for w in layer.trainable_weights]
     x = tf.convert_to_tensor(x)
     with tf.GradientTape() as tape:
-        tape.watch([x] + anchors)
-        y = layer(x, compute_dense_grad=dense_grads)
+        tape.watch(x)
+        y = model(x, training=True)
         loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
-    grads = tape.gradient(loss, [x] + flat + anchors)
-    dx, rest = grads[0], grads[1:]
-    by_leaf, k = {}, 0
-    for path, vs in variables.items():
-        by_leaf[path] = [g.numpy() for g in rest[k:k + len(vs)]]
-        k += len(vs)
-    anchor_grads = {path: g.numpy() for path, g in zip(sparse, rest[k:])}
-    return y.numpy(), dx.numpy(), by_leaf, anchor_grads
+    grads = tape.gradient(loss, [x] + weights)
+    by_layer, k = {}, 1
+    for layer in layers:
+        n = len(layer.trainable_weights)
+        by_layer[layer.name] = [g.numpy() for g in grads[k:k + n]]
+        k += n
+    return y.numpy(), grads[0].numpy(), by_layer
 
 
 def pooled(spec, dense_grad: np.ndarray) -> np.ndarray:
@@ -120,18 +133,19 @@ def pooled(spec, dense_grad: np.ndarray) -> np.ndarray:
 
 def compare_part(part: str, args, data_type: str) -> list[tuple[str, float, float]]:
     """[(what, error relative to max |dense|, tolerance)] for one part and data type."""
-    from ipu_sparse_ops.transformer import SparsityConfig
+    from ipu_sparse_ops.keras import SparseDense
+    from ipu_sparse_ops.transformer import Settings
 
-    config = SparsityConfig(args.sparsity, args.block_size, data_type, args.pooling_type)
-    sparse_part = build_part(part, args, config)
-    dense_part = build_part(part, args, SparsityConfig(
-        args.sparsity, args.block_size, data_type, args.pooling_type, dense=True))
+    settings = Settings(args.sparsity, args.block_size, data_type, args.pooling_type,
+                        seed=args.seed)
+    sparse_part = build_part(part, args, settings)
+    dense_part = dense_twin(sparse_part)
     rng = np.random.default_rng(args.seed + 1)
     shape = (args.batch_size, args.tokens, args.hidden_length)
-    x = rng.standard_normal(shape).astype(config.tf_dtype.as_numpy_dtype)
+    x = rng.standard_normal(shape).astype(settings.dtype)
     upstream = rng.standard_normal(shape).astype(np.float32)
-    y_s, dx_s, grads_s, anchors_s = run_part(sparse_part, x, upstream, dense_grads=True)
-    y_d, dx_d, grads_d, _ = run_part(dense_part, x, upstream, dense_grads=False)
+    y_s, dx_s, grads_s = run_part(sparse_part, x, upstream)
+    y_d, dx_d, grads_d = run_part(dense_part, x, upstream)
 
     tol = TOLERANCES[data_type]
     results = []
@@ -149,32 +163,35 @@ def compare_part(part: str, args, data_type: str) -> list[tuple[str, float, floa
 
     check(f"{part} {data_type} activations", y_s, y_d)
     check(f"{part} {data_type} input gradient", dx_s, dx_d)
-    linears = sparse_part.named_linears()
-    for path, leaf in sparse_part.named_leaves().items():
-        g_s, g_d = grads_s[path], grads_d[path]
-        if path not in linears:  # a GroupNorm: gamma, beta
-            check(f"{part} {data_type} {path} gamma gradient", g_s[0], g_d[0])
-            check(f"{part} {data_type} {path} beta gradient", g_s[1], g_d[1])
+    for layer in sparse_part.layers:
+        name = layer.name
+        if name not in grads_s:
             continue
-        spec = leaf.spec
+        g_s, g_d = grads_s[name], grads_d[name]
+        if not isinstance(layer, SparseDense):  # a GroupNorm: gamma, beta
+            check(f"{part} {data_type} {name} gamma gradient", g_s[0], g_d[0])
+            check(f"{part} {data_type} {name} beta gradient", g_s[1], g_d[1])
+            continue
+        spec = layer.spec
         bs = spec.block_size
-        triplets = leaf.fc.get_triplets()
-        kernel_grad = g_d[0]  # [input_size, output_size], padded sizes
+        kernel_grad = np.zeros((spec.input_size, spec.output_size))  # padded sizes
+        kernel_grad[:layer.input_size, :layer.units] = g_d[0]
+        triplets = layer.get_triplets()
         blocks = kernel_grad.reshape(spec.input_blocks, bs, spec.output_blocks, bs)
         at_pattern = blocks[triplets.row_indices, :, triplets.col_indices, :]
         n = len(triplets.row_indices)
-        check(f"{part} {data_type} {path} non-zero gradient",
+        check(f"{part} {data_type} {name} non-zero gradient",
               g_s[0][:n].reshape(n, bs, bs), at_pattern.reshape(n, bs, bs))
-        check(f"{part} {data_type} {path} padding slots' gradient",
+        check(f"{part} {data_type} {name} padding slots' gradient",
               g_s[0][n:], np.zeros_like(g_s[0][n:]))
         if len(g_s) > 1:
             # The k bias gradient is zero in exact arithmetic (softmax ignores a shift
             # q.b common to all keys), so its round-off is measured against the kernel
             # gradient's scale, which sums the same dL/dy.
-            check(f"{part} {data_type} {path} bias gradient", g_s[1], g_d[1],
+            check(f"{part} {data_type} {name} bias gradient", g_s[1], g_d[1],
                   scale_floor=float(np.max(np.abs(kernel_grad))))
-        check(f"{part} {data_type} {path} dense gradient ({spec.pooling_type})",
-              anchors_s[path], pooled(spec, kernel_grad))
+        check(f"{part} {data_type} {name} dense gradient ({spec.pooling_type})",
+              layer.dense_grad.numpy(), pooled(spec, kernel_grad))
     return results
 
 
