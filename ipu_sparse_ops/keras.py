@@ -28,15 +28,21 @@ from ipu_sparse_ops.tf_startup import tf  # before keras: it imports TensorFlow
 import keras
 
 from ipu_sparse_ops import ops, rigl, sparse_training
-from ipu_sparse_ops.layers import constant_initializer, in_slot_order, random_glorot_triplets
 from ipu_sparse_ops.training_run import write_atomically
 from ipu_sparse_ops.sparse import (MatmulSpec, Representation, Triplets, capacity_for_density,
-                                   dense_from_triplets, representation_from_triplets,
-                                   triplets_from_representation)
+                                   dense_from_triplets, in_slot_order, random_glorot_triplets,
+                                   representation_from_triplets, triplets_from_representation)
 
 __all__ = ["SparseDense", "RigL", "SeededDropout", "sparse_layers", "to_dense"]
 
 POOLINGS = ("NONE", "SUM", "AVG", "MAX")
+
+
+def constant_initializer(array: np.ndarray):
+    """A Keras initializer returning `array` (shape and dtype are checked by Keras)."""
+    def initializer(shape, dtype=None):
+        return tf.constant(array, dtype=dtype)
+    return initializer
 
 
 @keras.saving.register_keras_serializable(package="ipu_sparse_ops")

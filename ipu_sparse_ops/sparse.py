@@ -190,6 +190,48 @@ def random_triplets(spec: MatmulSpec, count: int, rng: np.random.Generator,
     return Triplets(rows, cols, np.asarray(generate(size=shape)).astype(spec.dtype))
 
 
+def glorot_limit(fan_in: int, fan_out: int, density: float) -> float:
+    """Glorot-uniform bound for a layer with only `density` of its connections.
+
+    Each unit sees density * fan_in inputs on average, so the dense bound
+    sqrt(6 / (fan_in + fan_out)) is widened by 1 / sqrt(density) to keep the
+    activations' variance that of the dense layer.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return math.sqrt(6.0 / ((fan_in + fan_out) * density))
+
+
+def random_glorot_triplets(spec: MatmulSpec, density: float | None = None, *,
+                           count: int | None = None,
+                           seed: int | np.random.SeedSequence = 0) -> Triplets:
+    """A uniformly random pattern of `count` (or `density` of all) blocks, its values
+    Glorot-uniform widened for the density (`glorot_limit`), drawn from `seed`."""
+    total = spec.input_blocks * spec.output_blocks
+    if (density is None) == (count is None):
+        raise ValueError("give exactly one of density and count")
+    if count is None:
+        count, _ = capacity_for_density(spec.input_blocks, spec.output_blocks, density)
+    if not 0 < count <= spec.max_non_zero_blocks:
+        raise ValueError(f"count must be in [1, {spec.max_non_zero_blocks}] (the capacity), "
+                         f"got {count}")
+    rng = np.random.default_rng(seed)
+    rows, cols = disjoint_random_indices(spec.input_blocks, spec.output_blocks, count, rng)
+    limit = glorot_limit(spec.input_size, spec.output_size, count / total)
+    bs = spec.block_size
+    shape = (count,) if bs == 1 else (count, bs, bs)
+    values = rng.uniform(-limit, limit, size=shape).astype(spec.dtype)
+    return Triplets(rows, cols, values)
+
+
+def in_slot_order(triplets: Triplets) -> tuple[Triplets, np.ndarray]:
+    """Triplets sorted as the op stores them (by column, then row) and the permutation used."""
+    rows = np.asarray(triplets.row_indices)
+    cols = np.asarray(triplets.col_indices)
+    perm = np.lexsort((rows, cols))
+    return Triplets(rows[perm], cols[perm], np.asarray(triplets.values)[perm]), perm
+
+
 def givens_orthogonal(size: int, density: float, rng: np.random.Generator) -> np.ndarray:
     """A sparse random orthogonal [size, size] matrix with >= ceil(density * size^2) non-zeros.
 

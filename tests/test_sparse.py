@@ -122,3 +122,32 @@ def test_givens_orthogonal_is_orthogonal_and_dense_enough(size, density):
     # Rotations stop once dense enough: each one adds at most 2 x size non-zeros.
     assert non_zeros < max(size, np.ceil(density * size * size)) + 2 * size
     assert not np.any((q != 0) & (np.abs(q) <= 1e-8))
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_random_glorot_triplets_are_seeded_and_span_the_widened_glorot_range(block_size):
+    spec = sparse.MatmulSpec(64, 32, 60, block_size)
+    density = 0.4 if block_size == 4 else 0.02
+    a, b, c = (sparse.random_glorot_triplets(spec, density, seed=seed) for seed in (7, 7, 8))
+    total = spec.input_blocks * spec.output_blocks
+    assert len(a.values) == round(density * total)
+    positions = [set(zip(t.row_indices, t.col_indices)) for t in (a, b, c)]
+    assert positions[0] == positions[1] != positions[2]
+    np.testing.assert_array_equal(a.values, b.values)
+    limit = np.sqrt(6.0 / ((64 + 32) * len(a.values) / total))
+    assert np.abs(a.values).max() <= limit
+    assert np.abs(a.values).max() > 0.8 * limit  # the whole range, not a narrower one
+    assert len(sparse.random_glorot_triplets(spec, count=9, seed=7).values) == 9
+    with pytest.raises(ValueError, match="capacity"):
+        sparse.random_glorot_triplets(spec, count=61)
+    with pytest.raises(ValueError, match="exactly one"):
+        sparse.random_glorot_triplets(spec, 0.1, count=3)
+
+
+def test_in_slot_order_sorts_by_column_then_row():
+    triplets = sparse.Triplets(np.array([2, 0, 1, 0]), np.array([1, 1, 0, 0]),
+                               np.array([1.0, 2.0, 3.0, 4.0]))
+    ordered, perm = sparse.in_slot_order(triplets)
+    assert list(zip(ordered.row_indices, ordered.col_indices)) == [(0, 0), (1, 0), (0, 1), (2, 1)]
+    np.testing.assert_array_equal(ordered.values, [4.0, 3.0, 2.0, 1.0])
+    np.testing.assert_array_equal(np.asarray(triplets.values)[perm], ordered.values)
