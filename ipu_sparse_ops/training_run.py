@@ -1,6 +1,6 @@
-"""What every training script shares: how a run is cut into Rig-L segments, files
-written so that a kill never leaves half of one, and how a bad flag, bad input
-or failed run reaches the user (one line on stderr; exit status 2 or 1)."""
+"""What every training script shares: the batches of a Keras run, files written so
+that a kill never leaves half of one, and how a bad flag, bad input or failed run
+reaches the user (one line on stderr; exit status 2 or 1)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,85 +28,6 @@ class UsageError(Exception):
 class TrainingError(Exception):
     """Training cannot go on (NaN loss, NaN/Inf gradient); one line for the user."""
 
-
-@dataclass(frozen=True)
-class SegmentPlan:
-    """A run cut into segments: the steps between two Rig-L updates, one traced loop each."""
-
-    batches_per_epoch: int
-    steps_per_epoch: int  # Rig-L segments per epoch
-    epochs: int
-
-    @property
-    def total_steps(self) -> int:
-        return self.batches_per_epoch * self.epochs
-
-    @property
-    def total_segments(self) -> int:
-        return self.steps_per_epoch * self.epochs
-
-    @property
-    def num_updates(self) -> int:
-        """Pattern updates: after every segment but the last (nothing would train the last)."""
-        return self.total_segments - 1
-
-    def segment(self, index: int) -> tuple[int, int, int]:
-        """(epoch, first batch within the epoch, batch count) of segment `index`."""
-        epoch, k = divmod(index, self.steps_per_epoch)
-        first = k * self.batches_per_epoch // self.steps_per_epoch
-        last = (k + 1) * self.batches_per_epoch // self.steps_per_epoch
-        return epoch, first, last - first
-
-    def first_step(self, index: int) -> int:
-        epoch, first, _ = self.segment(index)
-        return epoch * self.batches_per_epoch + first
-
-    def boundary_steps(self, fractions: Sequence[float]) -> list[int]:
-        """The first global step at or past each fraction of the run."""
-        return [math.ceil(fraction * self.total_steps) for fraction in fractions]
-
-
-
-def make_segment_loop(step_fn: Callable, anchors: Sequence) -> Callable:
-    """One traced loop over the training steps of a segment (the IPU's device iterations).
-
-    `step_fn(perm, batch, step, compute_dense_grad)` trains on batch `batch` of
-    the permutation `perm` at global step `step` and returns (loss, correct
-    predictions, gradients with respect to `anchors`). Returns
-    tf.function(perm, first_batch, num_batches, first_step, want_dense_grad)
-    -> (steps done, summed loss, correct predictions, dense gradients). The loop
-    stops early at a non-finite loss (steps done then tells where); the dense
-    gradients are asked for on the last step only, and only if `want_dense_grad`.
-    """
-    from ipu_sparse_ops.tf_startup import tf
-
-    # Grappler's arithmetic optimizer regrouped chains of adds (weight decay into
-    # the momentum update) one way in one trace and another way in the next, so a
-    # seed's runs differed in the last bits and then grew apart. The option is
-    # process-wide: later traces in this process go without it too.
-    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
-    signature = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
-                 tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int64),
-                 tf.TensorSpec([], tf.bool)]
-
-    @tf.function(input_signature=signature)
-    def train_segment(perm, first_batch, num_batches, first_step, want_dense_grad):
-        def cond(i, loss_sum, correct, last_loss, last_grads):
-            return tf.logical_and(i < num_batches, tf.math.is_finite(last_loss))
-
-        def body(i, loss_sum, correct, last_loss, last_grads):
-            compute = tf.logical_and(want_dense_grad, tf.equal(i, num_batches - 1))
-            loss, batch_correct, grads = step_fn(
-                perm, first_batch + i, first_step + tf.cast(i, tf.int64), compute)
-            return i + 1, loss_sum + loss, correct + batch_correct, loss, grads
-
-        zeros = [tf.zeros_like(anchor) for anchor in anchors]
-        i, loss_sum, correct, _, grads = tf.while_loop(
-            cond, body, [tf.constant(0), tf.constant(0.0), tf.constant(0), tf.constant(0.0),
-                         zeros])
-        return i, loss_sum, correct, grads
-
-    return train_segment
 
 def batch_dataset(x, y, *, batch_size: int, batches_per_pass: int, seed: int,
                   first_step: int = 0):
