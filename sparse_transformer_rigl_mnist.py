@@ -522,16 +522,20 @@ def train(args, x_train, y_train, seed: int):
         raise UsageError(f"--cosine-prune-schedule: zero_steps "
                          f"{args.cosine_options['zero_steps']} must be below the "
                          f"{segments} Rig-L steps of this run")
-    dtype = Settings(data_type=args.data_type).dtype
+    settings = Settings(data_type=args.data_type, seed=seed)  # the dtype and the run's seeds
+    dtype = settings.dtype
     optimizer = make_optimizer(args.optimizer, learning_rate_schedule(args, steps_per_epoch),
                                dtype=dtype, **args.optimizer_options)
+    if dtype == "float16" and args.optimizer == "Adam" and "epsilon" not in args.optimizer_options:
+        logger.info("fp16: Adam epsilon %g (pass --optimizer-arg epsilon=... to change it)",
+                    optimizer.epsilon)
     compile_model(model, optimizer, segment)
     model.optimizer.build(model.trainable_variables)
     describe(model)
     # As the original: update t = 1..T - 1 of T = steps per epoch x epochs.
     rigl_callback = RigL(segment, prune_ratio=args.prune_ratio, regrow=args.regrow_type,
-                         cosine_options=args.cosine_options, seed=Settings(seed=seed).seed_of(
-                             "regrow"), total_steps=segments * segment,
+                         cosine_options=args.cosine_options, seed=settings.seed_of("regrow"),
+                         total_steps=segments * segment,
                          update_at_end=False) if do_updates else None
     log = SegmentLog(batch_size=args.batch_size, segments=segments, steps_per_segment=segment,
                      rigl=rigl_callback, tokens=TOKENS, logger=logger)
@@ -540,7 +544,7 @@ def train(args, x_train, y_train, seed: int):
         sum(layer.traces for layer in sparse)))
     dataset = batch_dataset(x_train, y_train.astype(np.int32), batch_size=args.batch_size,
                             batches_per_pass=steps_per_epoch,
-                            seed=Settings(seed=seed).seed_of("shuffle"))
+                            seed=settings.seed_of("shuffle"))
     logger.info("%d training images, batch size %d: %d steps in %d Rig-L segments, "
                 "%d pattern updates", len(x_train), args.batch_size, segments * segment,
                 segments, segments - 1 if do_updates else 0)

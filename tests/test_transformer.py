@@ -332,7 +332,7 @@ def test_end_to_end_run_then_test_from_the_checkpoint(tmp_path, capsys):
     accuracy = re.search(r"Test accuracy: ([0-9.]+)", run.stdout).group(1)
     assert float(accuracy) >= 0.5
     assert run.stdout.strip().endswith("All asserts pass.")
-    assert "Traceback" not in run.stderr and "Warning" not in run.stderr
+    assert "Traceback" not in run.stderr and "Warning" not in run.stderr, run.stderr
     saved = ckpt / script.CHECKPOINT_NAME
     assert json.loads(saved.with_suffix(".json").read_text())["flags"]["ff_length"] == 32
     # --mode test rebuilds the model from the checkpoint alone and scores the same.
