@@ -28,6 +28,7 @@ from ipu_sparse_ops.tf_startup import tf  # before keras: it imports TensorFlow
 import keras
 
 from ipu_sparse_ops import ops, rigl, sparse_training
+from ipu_sparse_ops.distribute import PatternCheck, is_chief
 from ipu_sparse_ops.training_run import write_atomically
 from ipu_sparse_ops.sparse import (MatmulSpec, Representation, Triplets, capacity_for_density,
                                    dense_from_triplets, in_slot_order, random_glorot_triplets,
@@ -60,7 +61,10 @@ class SparseDense(keras.layers.Layer):
             carries anything (`RigL` ranks such blocks per real element).
         activation, use_bias: as for `keras.layers.Dense`.
         pooling: how `RigL` ranks blocks: "NONE" sums |dL/dW| over each block
-            on the host, "SUM", "AVG" or "MAX" pool it inside the op.
+            on the host, "SUM", "AVG" or "MAX" pool it inside the op. Under
+            `tf.distribute` the replicas' pooled gradients are summed, which
+            for pooled |g| is not the pooling of the summed gradient: only
+            "NONE" ranks exactly as one replica on the global batch would.
         seed: the initial pattern and values; None draws it from numpy's
             global generator (which `keras.utils.set_random_seed` seeds).
         meta_info_oversize: capacity headroom over the initial block count.
@@ -119,12 +123,24 @@ class SparseDense(keras.layers.Layer):
             initializer=constant_initializer(rep.nz_values), regularizer=self.kernel_regularizer)
         self.bias = (self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
                      if self.use_bias else None)
-        self.dense_grad = self.add_weight(
-            name="dense_grad", shape=self.spec.dense_grad_shape, dtype="float32",
-            trainable=False, initializer="zeros")
-        self.dense_grad_countdown = self.add_weight(
-            name="dense_grad_countdown", shape=(), dtype="int32", trainable=False,
-            initializer="zeros")
+        # Written inside the replicas' training step, so each replica keeps its own copy
+        # (no all-reduce in the step); a host read sums the replicas' dense gradients
+        # (each of a loss Keras scaled by 1 / replicas: the global batch's gradient), and
+        # the countdown, the same on every replica, reads as the first one's.
+        self.dense_grad = self._add_replica_local(
+            "dense_grad", self.spec.dense_grad_shape, "float32", "sum")
+        self.dense_grad_countdown = self._add_replica_local(
+            "dense_grad_countdown", (), "int32", "only_first_replica")
+
+    def _add_replica_local(self, name, shape, dtype, aggregation):
+        """A non-trainable weight each replica writes on its own (synchronised on read),
+        as Keras keeps its metrics' totals; `add_weight` offers no synchronisation."""
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(initializer=keras.initializers.Zeros(), shape=shape,
+                                      dtype=dtype, trainable=False, aggregation=aggregation,
+                                      synchronization="on_read", name=name)
+        self._track_variable(variable)
+        return variable
 
     def call(self, inputs, training=None):
         self.traces += 1
@@ -270,13 +286,24 @@ class SeededDropout(keras.layers.Layer):
         self.rate, self.seed = float(rate), int(seed)
 
     def build(self, input_shape):
-        self.calls = self.add_weight(name="calls", shape=(), dtype="int64", trainable=False,
-                                     initializer="zeros")
+        # Every replica counts its own calls (the same count: read as the first one's).
+        with keras.name_scope(self.name, caller=self):
+            self.calls = keras.Variable(initializer=keras.initializers.Zeros(), shape=(),
+                                        dtype="int64", trainable=False, name="calls",
+                                        aggregation="only_first_replica",
+                                        synchronization="on_read")
+        self._track_variable(self.calls)
 
     def call(self, inputs, training=None):
         if not training or self.rate == 0.0:
             return inputs
-        key = tf.stack([tf.constant(self.seed % 2 ** 63, tf.int64), self.calls.value])
+        # Under tf.distribute each replica draws its own part of the global batch's masks:
+        # call k of replica r is keyed by k * replicas + r (one replica: k, as before).
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync if context is not None else 1
+        replica = context.replica_id_in_sync_group if context is not None else 0
+        draw = self.calls.value * replicas + tf.cast(replica, tf.int64)
+        key = tf.stack([tf.constant(self.seed % 2 ** 63, tf.int64), draw])
         self.calls.assign_add(1)
         keep = tf.random.stateless_uniform(tf.shape(inputs), seed=key) >= self.rate
         kept = inputs / tf.constant(1.0 - self.rate, inputs.dtype)
@@ -344,6 +371,12 @@ class RigL(keras.callbacks.Callback):
 
     Without `log_dir` the same summaries go to the default summary writer, which
     a TensorBoard callback with a batch-level `update_freq` sets during fit.
+
+    Under `tf.distribute` every worker runs the same update from the same
+    inputs (the replicas' dense gradients summed, draws keyed by seed), checks
+    with a fingerprint of each pattern gathered from every replica that all
+    hold the same one (`distribute.PatternMismatchError` names the layer if
+    not), and only the chief writes records and summaries.
     """
 
     def __init__(self, update_freq: int, *, prune_ratio: float = 0.3, regrow: str = "rigl",
@@ -396,6 +429,9 @@ class RigL(keras.callbacks.Callback):
             self.update_freq, int(total * self.stop_fraction) // self.update_freq)
         self._last_step = total
         self._steps_done = None  # read at the first batch, after BackupAndRestore restored
+        self._chief = is_chief(self.model.distribute_strategy)
+        self.pattern_check = PatternCheck(self.model.distribute_strategy, self._layers)
+        self.pattern_check.check("before training")
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._steps_done is None:  # iterations counts applied updates, not micro-batches
@@ -449,11 +485,13 @@ class RigL(keras.callbacks.Callback):
             follow_slots(self.model.optimizer, layer.nz_values, slot_kept_from)
             entry["layers"][layer.name] = {"moved": int(np.count_nonzero(kept_from < 0)),
                                            "nnz": len(new.values)}
-            if self.records_path is not None:
+            if self.records_path is not None and self._chief:
                 self._write_record(layer, t, new)
+        self.pattern_check.check(f"after Rig-L update {t}")
         entry["seconds"] = time.perf_counter() - started
         self.history.append(entry)
-        self._log_summaries(step, t, T, entry)
+        if self._chief:
+            self._log_summaries(step, t, T, entry)
 
     @staticmethod
     def _per_real_element(layer: SparseDense, triplets: Triplets, grad):

@@ -1,0 +1,199 @@
+"""Data-parallel training on `tf.distribute`: the strategies, and one pattern on every replica.
+
+Every replica (every device of every worker) holds its own copy of each
+`SparseDense` pattern. `RigL` decides a new pattern on the host of every worker
+from identical inputs (all-reduced gradients, identically seeded draws) and
+assigns it to that worker's copies; `PatternCheck` proves the copies agree by
+gathering a fingerprint of each copy from every replica at each update.
+
+The strategies are TensorFlow's own: `MirroredStrategy` over several logical
+CPU devices of one process, `MultiWorkerMirroredStrategy` over processes
+described by `TF_CONFIG`, with CPU collectives over gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from ipu_sparse_ops.tf_startup import tf
+
+# The fingerprint is sum_i metainfo[i] * w_i mod P with fixed weights w_i in [1, P):
+# P prime, so any change of one entry by less than P changes it. Every product
+# stays below 2**62 and every partial sum below 2**63, so int64 never overflows.
+_PRIME = 2_147_483_647  # 2**31 - 1
+_WEIGHT_STEP = 1_103_515_245  # w_i = 1 + (i * step mod (P - 1)), i.e. spread over [1, P)
+
+STRATEGIES = ("none", "mirrored", "multi-worker")
+
+
+class PatternMismatchError(RuntimeError):
+    """The replicas hold different patterns of a layer; the message names it."""
+
+
+def use_logical_cpus(count: int) -> None:
+    """Split the CPU into `count` logical devices, one replica each for `MirroredStrategy`.
+
+    TensorFlow fixes its devices when it first initialises, so this must run
+    before anything builds a tensor; raises RuntimeError otherwise.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current is not None and len(current) == count:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+    except RuntimeError:
+        raise RuntimeError(f"cannot split the CPU into {count} devices: TensorFlow was already "
+                           "initialised in this process") from None
+
+
+def fingerprint(metainfo) -> tf.Tensor:
+    """An int64 in [0, 2**31 - 1): a cheap hash of an int32 pattern tensor of any shape."""
+    flat = tf.cast(tf.reshape(metainfo, [-1]), tf.int64) % _PRIME
+    index = tf.range(tf.size(flat, out_type=tf.int64), dtype=tf.int64)
+    weights = 1 + (index * _WEIGHT_STEP) % (_PRIME - 1)
+    return tf.reduce_sum((flat * weights) % _PRIME) % _PRIME
+
+
+def fingerprint_numpy(metainfo: np.ndarray) -> int:
+    """`fingerprint` in numpy (the tests' independent reference)."""
+    flat = np.asarray(metainfo, np.int64).reshape(-1) % _PRIME
+    weights = 1 + (np.arange(flat.size, dtype=np.int64) * _WEIGHT_STEP) % (_PRIME - 1)
+    return int(np.sum((flat * weights) % _PRIME) % _PRIME)
+
+
+class PatternCheck:
+    """Gathers each replica's fingerprint of every layer's pattern and compares them.
+
+    Under a strategy of several replicas, one traced function runs on every
+    replica (of every worker: a collective all-gather) and reads that replica's
+    own copy of each layer's `metainfo`. With one replica there is nothing to
+    compare and `check` costs nothing.
+    """
+
+    def __init__(self, strategy, layers):
+        self.strategy, self.layers = strategy, list(layers)
+        self.replicas = strategy.num_replicas_in_sync
+        self._gather = None
+        if self.replicas > 1:
+            variables = [layer.metainfo.value for layer in self.layers]
+
+            def on_replica():
+                return tf.stack([fingerprint(v.read_value()) for v in variables])[None]
+
+            @tf.function
+            def gather():
+                return strategy.gather(strategy.run(on_replica), axis=0)
+            self._gather = gather
+
+    def fingerprints(self) -> np.ndarray:
+        """[replicas, layers] int64: every replica's fingerprint of every layer."""
+        if self._gather is None:
+            return np.array([[fingerprint_numpy(layer.metainfo.numpy()) for layer in self.layers]])
+        return self._gather().numpy()
+
+    def check(self, when: str) -> None:
+        """Raise PatternMismatchError naming the first layer whose replicas disagree."""
+        if self._gather is None:
+            return
+        prints = self.fingerprints()
+        for column, layer in enumerate(self.layers):
+            values = prints[:, column]
+            if (values != values[0]).any():
+                differ = [int(r) for r in np.flatnonzero(values != values[0])]
+                raise PatternMismatchError(
+                    f"{layer.name}: the replicas hold different patterns {when} (replicas "
+                    f"{differ} of {self.replicas} differ from replica 0's fingerprint)")
+
+
+def steps_per_execution(strategy, wanted: int) -> int:
+    """`wanted`, or 1 under a strategy of several replicas.
+
+    Keras 3 runs steps_per_execution > 1 as a `tf.while_loop` whose body calls
+    `strategy.run` inside a `tf.cond`; the optimizer's cross-replica merge
+    there fails ("You must feed a value for placeholder tensor",
+    keras-team/keras#19246), for a plain `Dense` model as for ours.
+    """
+    return wanted if strategy.num_replicas_in_sync == 1 else 1
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run's files (checkpoints, records, summaries)."""
+    return bool(strategy.extended.should_checkpoint)
+
+
+def tf_config() -> dict | None:
+    """`TF_CONFIG` as TensorFlow reads it (None when unset); ValueError if it is not a cluster."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+        cluster, task = config["cluster"], config["task"]
+        jobs = {name: list(addresses) for name, addresses in cluster.items()}
+        task_type, index = task["type"], int(task["index"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"TF_CONFIG is not {{'cluster': ..., 'task': {{'type', 'index'}}}} "
+                         f"({type(e).__name__}: {e})") from None
+    if task_type not in jobs or not 0 <= index < len(jobs[task_type]):
+        raise ValueError(f"TF_CONFIG: task {task_type}:{index} is not in its cluster {jobs}")
+    return config
+
+
+def make_strategy(kind: str, *, replicas: int = 2, timeout_seconds: float = 60.0):
+    """The strategy of `--distribute kind`: the default one, MirroredStrategy over
+    `replicas` logical CPUs (call before TensorFlow initialises), or
+    MultiWorkerMirroredStrategy over the cluster in `TF_CONFIG`.
+
+    For multi-worker, `timeout_seconds` bounds how long a worker waits for its
+    peers to join the cluster and how long a peer may go silent (the
+    coordination service's register and heartbeat timeouts), so a worker that
+    cannot reach its peers fails with DeadlineExceeded/Unavailable, never hangs.
+    Raises ValueError for a bad `kind`, replica count or TF_CONFIG.
+    """
+    if kind == "none":
+        return tf.distribute.get_strategy()
+    if kind == "mirrored":
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        use_logical_cpus(replicas)
+        devices = [device.name for device in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices[:replicas])
+    if kind != "multi-worker":
+        raise ValueError(f"distribute must be one of {STRATEGIES}, got {kind!r}")
+    config = tf_config()
+    if config is None:
+        raise ValueError("--distribute multi-worker needs TF_CONFIG (the cluster and this "
+                         "worker's task)")
+    _configure_coordination(config, timeout_seconds)
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def _configure_coordination(config: dict, timeout_seconds: float) -> None:
+    """The coordination service MultiWorkerMirroredStrategy would start, with timeouts.
+
+    The strategy configures it itself with TensorFlow's defaults (workers wait
+    an hour for each other) unless one is configured already.
+    """
+    from tensorflow.core.protobuf import coordination_config_pb2
+    from tensorflow.python.eager import context
+
+    if context.context().coordination_service is not None:
+        return
+    cluster = config["cluster"]
+    jobs = [name for name in ("chief", "worker") if name in cluster]
+    leader = f"/job:{jobs[0]}/replica:0/task:0"
+    milliseconds = int(timeout_seconds * 1000)
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=leader,
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=name,
+                                                                  num_tasks=len(cluster[name]))
+                          for name in jobs],
+        cluster_register_timeout_in_ms=milliseconds, heartbeat_timeout_in_ms=milliseconds,
+        shutdown_barrier_timeout_in_ms=milliseconds)
