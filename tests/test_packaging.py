@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_wheel_from_a_clean_clone_holds_the_op_and_runs_the_self_check(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path / "dist"), str(clone)],
-                   check=True, timeout=1200, capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                            "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(clone)],
+                           timeout=1200, capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("ipu_sparse_ops-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "ipu_sparse_ops/libsparse_matmul_ops.so" in names
@@ -33,3 +34,9 @@ def test_wheel_from_a_clean_clone_holds_the_op_and_runs_the_self_check(tmp_path)
     found = subprocess.run([sys.executable, "-c", "import ipu_sparse_ops.keras as k; print(k.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert found.stdout.strip().startswith(str(site)), found
+    # Installed, the data cache is the user's, not the package folder.
+    cache = subprocess.run([sys.executable, "-c", "from mnist_rigl import mnist_data as m; "
+                            "print(m.project_data_dir())"], cwd=elsewhere, text=True, timeout=300,
+                           env={**env, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+                           capture_output=True)
+    assert cache.stdout.strip() == str(tmp_path / "cache" / "ipu_sparse_ops"), cache
