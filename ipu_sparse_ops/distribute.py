@@ -13,8 +13,11 @@ described by `TF_CONFIG`, with CPU collectives over gRPC.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -170,9 +173,46 @@ def make_strategy(kind: str, *, replicas: int = 2, timeout_seconds: float = 60.0
         raise ValueError("--distribute multi-worker needs TF_CONFIG (the cluster and this "
                          "worker's task)")
     _configure_coordination(config, timeout_seconds)
+    _mend_keras_multi_worker()
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.RING)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    task = config["task"]
+    peers = [address for job, addresses in config["cluster"].items() for i, address in
+             enumerate(addresses) if (job, i) != (task["type"], int(task["index"]))]
+    # Joining blocks in TensorFlow's C++ runtime, deaf to signals, for as long as a
+    # peer is missing; the watchdog ends the process with one line instead.
+    with _watchdog(timeout_seconds, f"{task['type']} {task['index']} could not reach its "
+                                    f"peers {', '.join(peers)} within {timeout_seconds:g} s"):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)  # all joined
+    return strategy
+
+
+# The watchdog: a separate process, since the blocked call holds Python's lock and
+# ignores SIGTERM. It waits for a line on stdin; if none comes in time it writes
+# the message and SIGKILLs the process it guards.
+_WATCHDOG = """
+import os, select, signal, sys
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if not select.select([sys.stdin], [], [], seconds)[0]:
+    sys.stderr.write(message + "\\n")
+    sys.stderr.flush()
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+@contextlib.contextmanager
+def _watchdog(seconds: float, message: str):
+    """SIGKILL this process, `message` on stderr, unless the block ends within `seconds`."""
+    prog = os.path.basename(sys.argv[0]) or "python"
+    watcher = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds),
+                                f"{prog}: error: {message}"], stdin=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        watcher.stdin.write(b"done\n")
+        watcher.stdin.close()
+        watcher.wait()
 
 
 def _configure_coordination(config: dict, timeout_seconds: float) -> None:
@@ -181,7 +221,7 @@ def _configure_coordination(config: dict, timeout_seconds: float) -> None:
     The strategy configures it itself with TensorFlow's defaults (workers wait
     an hour for each other) unless one is configured already.
     """
-    from tensorflow.core.protobuf import coordination_config_pb2
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
     from tensorflow.python.eager import context
 
     if context.context().coordination_service is not None:
@@ -197,3 +237,51 @@ def _configure_coordination(config: dict, timeout_seconds: float) -> None:
                           for name in jobs],
         cluster_register_timeout_in_ms=milliseconds, heartbeat_timeout_in_ms=milliseconds,
         shutdown_barrier_timeout_in_ms=milliseconds)
+
+
+def _mend_keras_multi_worker() -> None:
+    """Two mends to Keras 3's TensorFlow trainer, without which `fit` fails under
+    MultiWorkerMirroredStrategy before its first step (Keras 3.15):
+
+    - it builds a model made under a strategy from the mean of the replicas' first
+      batches, handing the collective reduce a tuple of PerReplica values
+      ("Attempt to convert a value (PerReplica ...)"); only shapes matter there,
+      so this builds from this worker's first replica's batch;
+    - it averages each step's logs with `strategy.reduce("MEAN", v, axis=0)`,
+      which fails for the scalar logs every metric returns; this averages them
+      over the replicas alone (axis None), as it does under MirroredStrategy.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+    from keras.src import tree
+
+    if getattr(tf_trainer, "_ipu_sparse_ops_mended", False):
+        return
+    tf_trainer._ipu_sparse_ops_mended = True
+    reduce_per_replica = tf_trainer.reduce_per_replica
+    symbolic_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+
+    def multi_worker(strategy) -> bool:
+        return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+    def mended_reduce(values, strategy, reduction):
+        if not multi_worker(strategy) or reduction not in ("auto", "mean", "sum"):
+            return reduce_per_replica(values, strategy, reduction)
+        op = "SUM" if reduction == "sum" else "MEAN"
+        return tree.map_structure(
+            lambda v: strategy.reduce(op, v, axis=None)
+            if isinstance(v, tf.distribute.DistributedValues) else v, values)
+
+    def mended_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if iterator is None or strategy is None or not multi_worker(strategy):
+            return symbolic_build(self, iterator=iterator, data_batch=data_batch)
+        for _, _, batches in iterator:
+            first = next(batches)
+            data_batch = tree.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v, first)
+            break
+        return symbolic_build(self, data_batch=data_batch)
+
+    tf_trainer.reduce_per_replica = mended_reduce
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = mended_build

@@ -14,6 +14,7 @@ epoch, the fingerprints gathered last, and `error`, the PatternMismatchError's
 message if the check failed.
 """
 
+import os
 import sys
 
 import numpy as np
@@ -26,18 +27,24 @@ STRATEGIES: dict = {}
 
 
 def run(kind: str, out: str) -> None:
-    from ipu_sparse_ops.tf_startup import tf  # noqa: F401 - before keras
+    from ipu_sparse_ops.tf_startup import tf
     import keras
     from ipu_sparse_ops.keras import RigL, SeededDropout, SparseDense, WeightDecay
 
     base = kind.removesuffix("-corrupt").removesuffix("-seeds")
     if base not in STRATEGIES:  # one per process: a second one's collectives reuse keys
-        STRATEGIES[base] = distribute.make_strategy(base, replicas=2, timeout_seconds=60)
+        STRATEGIES[base] = distribute.make_strategy(
+            base, replicas=2, timeout_seconds=float(os.environ.get("PEER_TIMEOUT", 60)))
     strategy = STRATEGIES[base]
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)  # a fixed task: labels from a random linear map
     x = rng.standard_normal((SAMPLES, FEATURES)).astype(np.float32)
     y = np.argmax(x @ rng.standard_normal((FEATURES, CLASSES)), axis=1).astype(np.int32)
+    # Keras hands each replica its share of every global batch of the dataset (numpy
+    # arrays fail under MultiWorkerMirroredStrategy); each worker shards by element.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).with_options(options)
     with strategy.scope():
         model = keras.Sequential([
             keras.Input((FEATURES,)),
@@ -48,9 +55,9 @@ def run(kind: str, out: str) -> None:
         model.compile(keras.optimizers.Adam(1e-2),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       steps_per_execution=distribute.steps_per_execution(strategy, 2))
-    worker = strategy.cluster_resolver.task_id if kind.endswith("-seeds") else 0
+    seed_offset = strategy.cluster_resolver.task_id if kind.endswith("-seeds") else 0
     rigl = RigL(UPDATE_FREQ, prune_ratio=0.3,
-                regrow="random" if kind.endswith("-seeds") else "rigl", seed=5 + worker)
+                regrow="random" if kind.endswith("-seeds") else "rigl", seed=5 + seed_offset)
     layers = [model.get_layer("fc1"), model.get_layer("fc2")]
     recorded = {f"{layer.name}_{part}": [] for layer in layers for part in ("metainfo", "values")}
     traces = []
@@ -81,14 +88,14 @@ def run(kind: str, out: str) -> None:
     error = ""
     distribute.PatternCheck.check = corrupt_then_check
     try:
-        model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
-                  callbacks=callbacks)
+        model.fit(batches, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=callbacks)
     except distribute.PatternMismatchError as e:
         error = str(e)
     finally:
         distribute.PatternCheck.check = real_check
     arrays = {key: np.array(value) for key, value in recorded.items()}
-    np.savez(f"{out}-{kind}.npz", traces=np.array(traces), error=error,
+    worker = f"-{strategy.cluster_resolver.task_id}" if base == "multi-worker" else ""
+    np.savez(f"{out}-{kind}{worker}.npz", traces=np.array(traces), error=error,
              replicas=strategy.num_replicas_in_sync, fingerprints=rigl.pattern_check.fingerprints(),
              steps=np.array([u["step"] for u in rigl.history]), **arrays)
 

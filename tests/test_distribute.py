@@ -7,9 +7,11 @@ TensorFlow is already initialised with one.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 
 from ipu_sparse_ops import distribute
 from ipu_sparse_ops.tf_startup import tf
+from ipu_sparse_ops.tools import local_cluster
 
 JOB = Path(__file__).with_name("distribute_job.py")
 LAYERS = ("fc1", "fc2")
@@ -67,6 +70,59 @@ def test_a_replica_with_another_pattern_stops_the_run_naming_the_layer(mirrored_
     assert error.startswith("fc1: the replicas hold different patterns after Rig-L update 2"), error
     assert "replicas [1] of 2" in error
     assert len(corrupt["steps"]) == 1  # the second update never completed
+
+
+def run_workers(out: Path, run: str, count: int = 2, timeout: float = 240) -> list:
+    """`run` as `count` workers on 127.0.0.1 (free ports); their (status, stderr), all
+    stopped when done or at `timeout`, pass or fail."""
+    workers = local_cluster.start_workers([sys.executable, str(JOB), str(out), run], count,
+                                          env=dict(os.environ, PEER_TIMEOUT="30"), threads=1,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          text=True)
+    try:
+        return [(worker.returncode, stderr) for worker in workers
+                for _, stderr in [worker.communicate(timeout=timeout)]]
+    finally:
+        local_cluster.stop_workers(workers)
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_process_at_the_same_global_batch(tmp_path, mirrored_runs):
+    results = run_workers(tmp_path / "run", "multi-worker")
+    assert all(status == 0 for status, _ in results), results[0][1][-3000:]
+    workers = [dict(np.load(tmp_path / f"run-multi-worker-{i}.npz")) for i in range(2)]
+    for worker in workers:
+        assert int(worker["replicas"]) == 2
+        assert_same_run(worker, mirrored_runs["none"])
+    for name in LAYERS:  # the two workers' patterns at every update
+        np.testing.assert_array_equal(workers[0][f"{name}_metainfo"], workers[1][f"{name}_metainfo"])
+
+
+@pytest.mark.slow
+def test_workers_that_decide_different_patterns_stop_at_the_first_update(tmp_path):
+    results = run_workers(tmp_path / "run", "multi-worker-seeds")  # seeds 5 and 6
+    assert all(status == 0 for status, _ in results), results[0][1][-3000:]
+    for i in range(2):
+        worker = np.load(tmp_path / f"run-multi-worker-seeds-{i}.npz")
+        assert str(worker["error"]).startswith(
+            "fc1: the replicas hold different patterns after Rig-L update 1"), str(worker["error"])
+        assert len(worker["steps"]) == 0
+
+
+@pytest.mark.slow
+def test_a_worker_whose_peer_never_comes_fails_in_bounded_time(tmp_path):
+    (port,) = local_cluster.free_ports(1)
+    config = local_cluster.tf_configs([port, local_cluster.free_ports(1)[0]])[0]
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(JOB), str(tmp_path / "run"), "multi-worker"],
+                            env=dict(os.environ, TF_CONFIG=config, PEER_TIMEOUT="5"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert lines == [f"distribute_job.py: error: worker 0 could not reach its peers "
+                     f"127.0.0.1:{json.loads(config)['cluster']['worker'][1].split(':')[1]} "
+                     f"within 5 s"], result.stderr[-2000:]
 
 
 def test_fingerprint_matches_numpy_and_sees_any_one_change():
