@@ -591,3 +591,25 @@ class WeightDecay(keras.regularizers.Regularizer):
 
     def get_config(self):
         return {"rate": self.rate}
+
+
+@keras.saving.register_keras_serializable(package="ipu_sparse_ops")
+class Momentum(keras.optimizers.SGD):
+    """SGD with momentum as TensorFlow 1's `MomentumOptimizer` (the original's) steps.
+
+    Its accumulator sums raw gradients, a = m a + g, and the step is lr a
+    (Nesterov: lr (g + m a)). Keras's SGD keeps lr g in the velocity instead:
+    the same at a constant rate, but after the rate steps down Keras keeps
+    moving at the old rate for as long as the momentum remembers.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.momentum == 0:
+            return super().update_step(gradient, variable, learning_rate)
+        learning_rate = tf.cast(learning_rate, variable.dtype)
+        gradient = tf.cast(gradient, variable.dtype)
+        momentum = tf.cast(self.momentum, variable.dtype)
+        accumulator = self.momentums[self._get_variable_index(variable)]
+        self.assign(accumulator, accumulator * momentum + gradient)
+        step = gradient + momentum * accumulator if self.nesterov else accumulator
+        self.assign_sub(variable, learning_rate * step)

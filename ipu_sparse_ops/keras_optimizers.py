@@ -5,13 +5,13 @@ their option names; this maps them onto Keras 3 optimizers, whose slots
 `ipu_sparse_ops.keras.RigL` re-aligns after every pattern update:
 
     GradientDescent                      keras.optimizers.SGD
-    Momentum(momentum, use_nesterov)     keras.optimizers.SGD(momentum, nesterov)
+    Momentum(momentum, use_nesterov)     ipu_sparse_ops.keras.Momentum(momentum, nesterov)
     Adam(beta1, beta2, epsilon)          keras.optimizers.Adam(beta_1, beta_2, epsilon)
 
-Keras's momentum keeps the velocity in units of the step (lr * g summed),
-TensorFlow 1's in units of the gradient: the two agree while the learning
-rate is constant and differ by the momentum's memory when it steps down.
-Adam is TensorFlow 1's rule (bias correction folded into the step size).
+`Momentum` is Keras's SGD with TensorFlow 1's accumulator (raw gradients
+summed, times the current rate), which Keras's own velocity (lr * g summed)
+matches only while the rate is constant; the scripts step it down. Adam is
+TensorFlow 1's rule (bias correction folded into the step size).
 """
 
 from __future__ import annotations
@@ -88,8 +88,10 @@ def make_optimizer(name: str, learning_rate, *, dtype: str = "float32",
     if name == "GradientDescent":
         return keras.optimizers.SGD(learning_rate, **common)
     if name == "Momentum":
-        return keras.optimizers.SGD(learning_rate, momentum=float(full["momentum"]),
-                                    nesterov=full["use_nesterov"], **common)
+        from ipu_sparse_ops.keras import Momentum
+
+        return Momentum(learning_rate, momentum=float(full["momentum"]),
+                        nesterov=full["use_nesterov"], **common)
     return keras.optimizers.Adam(learning_rate, beta_1=float(full["beta1"]),
                                  beta_2=float(full["beta2"]), epsilon=adam_epsilon(full, dtype),
                                  **common)

@@ -7,7 +7,7 @@ import pytest
 
 import keras
 from ipu_sparse_ops import sparse
-from ipu_sparse_ops.keras import RigL, SparseDense, sparse_layers, to_dense
+from ipu_sparse_ops.keras import Momentum, RigL, SparseDense, sparse_layers, to_dense
 from ipu_sparse_ops.tf_startup import tf
 
 IN, OUT, N = 32, 24, 16
@@ -178,7 +178,17 @@ def rmsprop(rho=0.9, eps=1e-7):
     return step
 
 
+def tf1_momentum(momentum, nesterov):
+    def step(w, state, g, t):
+        a = state.setdefault("m", np.zeros_like(w))
+        a[:] = momentum * a + g
+        return w - LR * (g + momentum * a if nesterov else a)
+    return step
+
+
 OPTIMIZERS = {
+    "tf1-momentum": (lambda: Momentum(LR, momentum=0.9), tf1_momentum(0.9, False)),
+    "tf1-nesterov": (lambda: Momentum(LR, momentum=0.9, nesterov=True), tf1_momentum(0.9, True)),
     "sgd-momentum": (lambda: keras.optimizers.SGD(LR, momentum=0.9), sgd(0.9, False)),
     "sgd-nesterov": (lambda: keras.optimizers.SGD(LR, momentum=0.9, nesterov=True), sgd(0.9, True)),
     "adam": (lambda: keras.optimizers.Adam(LR), adam()),
@@ -449,3 +459,22 @@ def test_seeded_dropout_masks_scale_and_resume_from_a_saved_model(tmp_path):
     resumed = keras.models.load_model(tmp_path / "d.keras")
     np.testing.assert_array_equal(resumed(x, training=True), masks[1])
     np.testing.assert_array_equal(resumed(x, training=True), masks[2])
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_steps_as_tensorflow_1_when_the_rate_changes(nesterov):
+    """a = m a + g, w -= lr a (Nesterov: lr (g + m a)) with the rate of each step."""
+    rng = np.random.default_rng(3)
+    grads = rng.standard_normal((6, 5))
+    rates = [0.1, 0.1, 0.01, 0.01, 0.001, 0.5]
+    w = tf.Variable(np.ones(5, np.float32))
+    optimizer = Momentum(0.1, momentum=0.9, nesterov=nesterov)
+    want, a = np.ones(5), np.zeros(5)
+    for g, lr in zip(grads, rates):
+        optimizer.learning_rate.assign(lr)
+        optimizer.apply_gradients([(tf.constant(g, tf.float32), w)])
+        a = 0.9 * a + g
+        want -= lr * (g + 0.9 * a if nesterov else a)
+    np.testing.assert_allclose(w.numpy(), want, rtol=1e-5)
+    config = keras.optimizers.serialize(optimizer)
+    assert type(keras.optimizers.deserialize(config)) is Momentum
