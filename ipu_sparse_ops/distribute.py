@@ -14,13 +14,13 @@ described by `TF_CONFIG`, with CPU collectives over gRPC.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 
+from ipu_sparse_ops.cluster import tf_config
 from ipu_sparse_ops.tf_startup import tf
 
 # The fingerprint is sum_i metainfo[i] * w_i mod P with fixed weights w_i in [1, P):
@@ -127,24 +127,6 @@ def steps_per_execution(strategy, wanted: int) -> int:
 def is_chief(strategy) -> bool:
     """Whether this process writes the run's files (checkpoints, records, summaries)."""
     return bool(strategy.extended.should_checkpoint)
-
-
-def tf_config() -> dict | None:
-    """`TF_CONFIG` as TensorFlow reads it (None when unset); ValueError if it is not a cluster."""
-    text = os.environ.get("TF_CONFIG")
-    if not text:
-        return None
-    try:
-        config = json.loads(text)
-        cluster, task = config["cluster"], config["task"]
-        jobs = {name: list(addresses) for name, addresses in cluster.items()}
-        task_type, index = task["type"], int(task["index"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"TF_CONFIG is not {{'cluster': ..., 'task': {{'type', 'index'}}}} "
-                         f"({type(e).__name__}: {e})") from None
-    if task_type not in jobs or not 0 <= index < len(jobs[task_type]):
-        raise ValueError(f"TF_CONFIG: task {task_type}:{index} is not in its cluster {jobs}")
-    return config
 
 
 def make_strategy(kind: str, *, replicas: int = 2, timeout_seconds: float = 60.0):
@@ -266,10 +248,9 @@ def _mend_keras_multi_worker() -> None:
     def mended_reduce(values, strategy, reduction):
         if not multi_worker(strategy) or reduction not in ("auto", "mean", "sum"):
             return reduce_per_replica(values, strategy, reduction)
-        op = "SUM" if reduction == "sum" else "MEAN"
+        op = "SUM" if reduction == "sum" else "MEAN"  # with one device a worker's are tensors
         return tree.map_structure(
-            lambda v: strategy.reduce(op, v, axis=None)
-            if isinstance(v, tf.distribute.DistributedValues) else v, values)
+            lambda v: strategy.reduce(op, v, axis=None) if v is not None else v, values)
 
     def mended_build(self, iterator=None, data_batch=None):
         strategy = self._distribute_strategy

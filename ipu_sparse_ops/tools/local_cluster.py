@@ -12,10 +12,8 @@ cluster of machines, give each machine's process its TF_CONFIG instead.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,29 +21,9 @@ import time
 from typing import Sequence
 
 from ipu_sparse_ops.cli import ArgumentParser
+from ipu_sparse_ops.cluster import free_ports, tf_configs
 
 PROG = "local_cluster"
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports of 127.0.0.1 that nothing listens on now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def tf_configs(ports: Sequence[int]) -> list[str]:
-    """Each worker's TF_CONFIG for a cluster of workers on 127.0.0.1 at `ports`."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-            for i in range(len(ports))]
 
 
 def start_workers(command: Sequence[str], count: int, *, env=None, threads: int | None = None,
@@ -122,7 +100,7 @@ def main(argv=None) -> int:
         stop_workers(workers)
         for relay in relays:
             relay.join(timeout=5)
-    return status
+    return status if status >= 0 else 128 - status  # killed by a signal: as a shell says
 
 
 if __name__ == "__main__":
