@@ -1,5 +1,6 @@
 # make -j      builds the TensorFlow op library and the pybind11 host utilities
 # make mnist   the main job: sparse MNIST with Rig-L and its connectivity GIF
+# make mnist-distributed  the main job on two local workers (MultiWorkerMirroredStrategy)
 # make bench   the performance table (make bench-quick: a two-minute subset)
 # make bench-peers  our op beside PyTorch dense and CSR, SparseProp and scipy CSR (optional packages)
 # make test    installs what is missing, builds, fetches MNIST, runs the tests
@@ -39,7 +40,7 @@ PLAIN_OBJS := $(BUILD)/sparse_pattern.o $(BUILD)/sparse_kernels.o \
               $(foreach isa,$(ISAS),$(BUILD)/sparse_kernels_isa_$(isa).o)
 TF_OBJS := $(BUILD)/sparse_matmul_ops.o $(BUILD)/sparse_matmul_kernels.o
 
-.PHONY: all clean deps data test test-slow selfcheck mnist bench bench-quick bench-peers
+.PHONY: all clean deps data test test-slow selfcheck mnist mnist-distributed bench bench-quick bench-peers
 all: $(OP_LIB) $(HOST_UTILS)
 
 $(OP_LIB): $(TF_OBJS) $(PLAIN_OBJS)
@@ -116,6 +117,16 @@ mnist: all $(DATA_STAMP)
 	    --records-path $(RECORDS) --checkpoint-path $(BUILD)/checkpoints
 	$(PYTHON) mnist_rigl/visualise_connectivity.py --records-path $(RECORDS) --animate
 	$(PYTHON) mnist_rigl/visualise_connectivity.py --records-path $(RECORDS)
+
+# The main job data-parallel: two workers on 127.0.0.1 (free ports, one TF_CONFIG
+# each, one thread each), the global batch split between them; the chief writes the
+# records and checkpoints. Every worker needs the same seed.
+MNIST_SEED ?= 1
+mnist-distributed: all $(DATA_STAMP)
+	$(PYTHON) -m ipu_sparse_ops.tools.local_cluster --workers 2 --threads 1 -- \
+	    $(PYTHON) mnist_rigl/sparse_mnist.py --densities 0.1 0.3 $(MNIST_RECIPE) \
+	    --distribute multi-worker --seed $(MNIST_SEED) \
+	    --records-path $(RECORDS)-distributed --checkpoint-path $(BUILD)/checkpoints-distributed
 
 clean:
 	rm -rf $(BUILD) $(OP_LIB) $(HOST_UTILS)

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue the newest run in --checkpoint-path exactly where its "
                              "checkpoint left off, or start a new run if there is none (for "
                              "restart loops)")
+    parser.add_argument("--distribute", choices=("none", "mirrored", "multi-worker"),
+                        default="none",
+                        help="data-parallel training with tf.distribute: mirrored over "
+                             "--replicas logical CPUs of this process, or multi-worker over "
+                             "the processes TF_CONFIG describes (one per machine, each "
+                             "started with the same flags); --batch-size is the global batch")
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="with --distribute mirrored, the logical CPU devices (replicas)")
+    parser.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="with --distribute multi-worker, how long a worker waits for its "
+                             "peers to join before it fails")
+    parser.add_argument("--backup-dir", type=Path, default=None,
+                        help="keras.callbacks.BackupAndRestore's folder (with multi-worker, "
+                             "one sub-folder per worker): a run killed and started again with "
+                             "the same flags continues from its last finished epoch")
     parser.add_argument("--data-dir", default=None,
                         help="read MNIST from the four IDX files here instead of the caches")
     parser.add_argument("--log-level", default="INFO",
@@ -267,7 +283,16 @@ def check_args(args: argparse.Namespace) -> None:
     if args.use_wandb and not args.wandb_project_name:
         raise UsageError("--use-wandb needs --wandb-project-name")
     check_restore_args(args)
+    check_distribute_args(args)
     trains = args.test_mode != "tests"
+    if args.backup_dir is not None:
+        if args.restore is not None or args.resume_latest:
+            raise UsageError("--backup-dir resumes by itself; it excludes --restore and "
+                             "--resume-latest")
+        if args.seed is None:
+            raise UsageError("--backup-dir needs --seed: a restarted run must draw what the "
+                             "first one drew")
+        check_writable_dir(args.backup_dir, "--backup-dir")
     if args.records_path is not None and trains:
         check_writable_dir(args.records_path, "--records-path")
     if trains and not args.single_train_step_only:
@@ -280,6 +305,36 @@ def check_args(args: argparse.Namespace) -> None:
         check_options(args.optimizer, args.optimizer_options)
     except ValueError as e:
         raise UsageError(f"--optimizer-arg: {e}") from None
+
+
+def check_distribute_args(args: argparse.Namespace) -> None:
+    """--distribute's needs: replicas that share the batch evenly, a TF_CONFIG, one seed."""
+    from ipu_sparse_ops.cluster import tf_config
+
+    args.replica_count = 1
+    if args.distribute == "mirrored":
+        if args.replicas < 1:
+            raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
+        args.replica_count = args.replicas
+    elif args.distribute == "multi-worker":
+        try:
+            config = tf_config()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if config is None:
+            raise UsageError("--distribute multi-worker needs TF_CONFIG: the cluster and this "
+                             "worker's task")
+        args.replica_count = sum(len(tasks) for job, tasks in config["cluster"].items()
+                                 if job in ("chief", "worker"))
+        if args.seed is None and args.restore is None and not args.resume_latest:
+            raise UsageError("--distribute multi-worker needs --seed: every worker must "
+                             "draw the same model")
+        if not args.peer_timeout > 0:
+            raise UsageError(f"--peer-timeout must be > 0, got {args.peer_timeout:g}")
+    micro_batch = args.batch_size // args.gradient_accumulation_count
+    if micro_batch % args.replica_count:
+        raise UsageError(f"--batch-size {args.batch_size} (per micro-batch {micro_batch}) does "
+                         f"not split evenly over {args.replica_count} replicas")
 
 
 def check_restore_args(args: argparse.Namespace) -> None:
@@ -641,11 +696,52 @@ class RunFiles:
             self.wandb_run.finish()
 
 
-def train(args: argparse.Namespace, data) -> dict:
-    """The whole run; returns the final metrics. Raises UsageError / TrainingError."""
+def backed_up_epochs(folder: Path) -> int:
+    """The epochs done by the run keras.callbacks.BackupAndRestore backed up in `folder`
+    (0 if none), so that the batches and logs resume where its weights do."""
+    try:
+        return int(json.loads((folder / "training_metadata.json").read_text())["epoch"])
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--backup-dir: {folder / 'training_metadata.json'} is unreadable "
+                         f"({e})") from None
+
+
+def per_segment(inner, steps_per_segment: int):
+    """`inner` handed only the batches that begin and end a Rig-L segment, so that a
+    per-execution callback (SegmentLog) sees segments when each execution is one step
+    (under a strategy of several replicas, see distribute.steps_per_execution)."""
+    import keras
+
+    class PerSegment(keras.callbacks.Callback):
+        def set_model(self, model):
+            super().set_model(model)
+            inner.set_model(model)
+
+        def set_params(self, params):
+            super().set_params(params)
+            inner.set_params(params)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            inner.on_epoch_begin(epoch, logs)
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch % steps_per_segment == 0:
+                inner.on_train_batch_begin(batch, logs)
+
+        def on_train_batch_end(self, batch, logs=None):
+            if (batch + 1) % steps_per_segment == 0:
+                inner.on_train_batch_end(batch, logs)
+    return PerSegment()
+
+
+def train(args: argparse.Namespace, data, strategy=None) -> dict:
+    """The whole run (under `strategy`, by default TensorFlow's default one); returns
+    the final metrics. Raises UsageError / TrainingError."""
     from ipu_sparse_ops.tf_startup import tf
     import keras
-    from ipu_sparse_ops import rigl
+    from ipu_sparse_ops import distribute, rigl
     from ipu_sparse_ops.keras import RigL, sparse_layers
     from ipu_sparse_ops.segment_log import SegmentLog
 
@@ -656,6 +752,8 @@ def train(args: argparse.Namespace, data) -> dict:
     plan = run_plan(args, n_train)
     T = plan.total_segments  # Rig-L steps, each followed by update t = 1..T
 
+    strategy = strategy or tf.distribute.get_strategy()
+    chief = distribute.is_chief(strategy)
     run_folder, checkpoint = open_run(args)
     if checkpoint is not None and args.seed is None:
         args.seed = checkpoint["config"]["seed"]
@@ -672,7 +770,9 @@ def train(args: argparse.Namespace, data) -> dict:
     # the momentum update) one way in one trace and another way in the next, so a
     # seed's runs differed in the last bits and then grew apart.
     tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
-    model = build_model(args, args.seed, plan.fit_steps_per_segment)
+    per_execution = distribute.steps_per_execution(strategy, plan.fit_steps_per_segment)
+    with strategy.scope():
+        model = build_model(args, args.seed, per_execution)
     epochs_done = 0
     if checkpoint is not None:
         restore(checkpoint, model, config, run_folder)
@@ -685,11 +785,20 @@ def train(args: argparse.Namespace, data) -> dict:
             model.optimizer.iterations.assign(epochs_done * plan.batches_per_epoch)
         logger.info("restored %s; resuming at Rig-L step %d of %d (epoch %d)", run_folder,
                     epochs_done * plan.segments_per_epoch + 1, T, epochs_done + 1)
+    backup = None
+    if args.backup_dir is not None:
+        folder = args.backup_dir
+        if args.distribute == "multi-worker":  # every worker saves (reads are collective)
+            folder = folder / f"worker-{strategy.cluster_resolver.task_id}"
+        backup = keras.callbacks.BackupAndRestore(str(folder))
+        epochs_done = backed_up_epochs(folder)  # the data and logs resume there too
+        if epochs_done:
+            logger.info("%s holds a backup after epoch %d; resuming there", folder, epochs_done)
     trains = args.test_mode != "tests"
-    if trains and not args.single_train_step_only:
+    if trains and not args.single_train_step_only and chief:
         remove_stale_temps(args.checkpoint_path)
         logger.info("checkpoints go to %s", run_folder)
-    if args.records_path is not None and trains:
+    if args.records_path is not None and trains and chief:
         remove_stale_temps(args.records_path)
         write_atomically(args.records_path / PERMUTATION_FILE, lambda f: np.save(f, permutation))
         if epochs_done == 0:
@@ -702,7 +811,7 @@ def train(args: argparse.Namespace, data) -> dict:
                          regrow=args.regrow, schedule="cosine",
                          cosine_options=args.cosine_options, seed=stream_seed(args.seed, "regrow"),
                          total_steps=T * plan.fit_steps_per_segment) if updates else None
-    files = RunFiles(args, model, updates) if trains else None
+    files = RunFiles(args, model, updates) if trains and chief else None
     log = SegmentLog(batch_size=plan.micro_batch, segments=T,
                      steps_per_segment=plan.fit_steps_per_segment, rigl=rigl_callback,
                      loss_key="cross_entropy", first_segment=epochs_done * plan.segments_per_epoch,
@@ -714,15 +823,28 @@ def train(args: argparse.Namespace, data) -> dict:
     def checkpoint_after(epoch, logs=None):
         done = epoch + 1
         if (done - 1) % args.checkpoint_freq == 0 or done == args.epochs:
-            save_checkpoint(run_folder, model, config, done)
+            if chief:
+                save_checkpoint(run_folder, model, config, done)
+            else:  # every worker saves (reading the weights is collective), the chief's counts
+                with tempfile.TemporaryDirectory() as folder:
+                    save_checkpoint(Path(folder), model, config, done)
 
-    callbacks = [schedule, *([rigl_callback] if rigl_callback else []), log]
+    segment_log = log
+    if per_execution < plan.fit_steps_per_segment:
+        log = per_segment(log, plan.fit_steps_per_segment)
+    callbacks = [*([backup] if backup else []), schedule,
+                 *([rigl_callback] if rigl_callback else []), log]
     if not args.single_train_step_only:
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=checkpoint_after))
     dataset = batch_dataset(x_train, y_train.astype(np.int32), batch_size=plan.micro_batch,
                             batches_per_pass=plan.batches_per_pass * plan.accumulation,
                             seed=stream_seed(args.seed, "host"),
                             first_step=epochs_done * plan.fit_steps_per_epoch)
+    if args.distribute == "multi-worker":  # each worker keeps its share of every global batch
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA)
+        dataset = dataset.with_options(options)
     # Traces of the training step: one at the first execution, and none after if
     # pattern updates never re-trace (counted before evaluate traces its own).
     traced = {}
@@ -753,7 +875,7 @@ def train(args: argparse.Namespace, data) -> dict:
     finally:
         if files is not None:
             files.close(results["test_loss"], results["test_accuracy"])
-    records = log.records
+    records = segment_log.records
     epoch_seconds: dict[int, float] = {}
     for record in records:
         epoch_seconds[record["epoch"]] = epoch_seconds.get(record["epoch"], 0.0) + record["seconds"]
@@ -765,6 +887,21 @@ def train(args: argparse.Namespace, data) -> dict:
     return results
 
 
+def make_strategy(args: argparse.Namespace):
+    """--distribute's strategy, made before anything initialises TensorFlow's devices."""
+    from ipu_sparse_ops import distribute
+
+    try:
+        strategy = distribute.make_strategy(args.distribute, replicas=args.replicas,
+                                            timeout_seconds=args.peer_timeout)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--distribute {args.distribute}: {e}") from None
+    if strategy.num_replicas_in_sync > 1:
+        logger.info("--distribute %s: %d replicas, global batch %d", args.distribute,
+                    strategy.num_replicas_in_sync, args.batch_size)
+    return strategy
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Progress goes to stdout: stderr is kept for the one line that explains a failure.
@@ -773,8 +910,9 @@ def main(argv=None) -> int:
     if args.ipu_only_given:
         logger.info("ignored on the CPU (IPU only): %s", ", ".join(args.ipu_only_given))
     try:
+        strategy = make_strategy(args)
         data = load_mnist(args.data_dir)
-        results = train(args, data)
+        results = train(args, data, strategy)
     except (UsageError, TrainingError, MnistError, OSError) as e:
         return report_failure(PROG, e)
     if results["test_loss"] is not None:

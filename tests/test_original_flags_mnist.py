@@ -65,7 +65,8 @@ ORIGINAL_FLAGS = {
     "--optimizer-arg": (None, None),  # append; no option given
 }
 # This project's own flags, each documented in the README.
-OUR_FLAGS = {"--help", "--weight-decay", "--train-samples", "--data-dir", "--resume-latest"}
+OUR_FLAGS = {"--help", "--weight-decay", "--train-samples", "--data-dir", "--resume-latest",
+             "--distribute", "--replicas", "--peer-timeout", "--backup-dir"}
 
 
 def actions():

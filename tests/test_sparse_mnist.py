@@ -527,15 +527,135 @@ def bad_input_cases(tmp_path):
         (["--batches-per-step-override", "many"], "invalid int value"),
         (["--batches-per-step-override", "0"], "--batches-per-step-override must be >= 1"),
         (["--pipelining=yes"], "ignored explicit argument"),
+        (["--distribute", "mirrored", "--replicas", "0"], "--replicas must be >= 1"),
+        (["--distribute", "mirrored", "--batch-size", "15"], "does not split evenly over 2"),
+        (["--distribute", "multi-worker", "--seed", "1"], "needs TF_CONFIG"),
+        (["--distribute", "gpu"], "invalid choice"),
     ]
 
 
-def test_bad_input_gives_one_line(tmp_path, capsys):
+def test_bad_input_gives_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
     for argv, message in bad_input_cases(tmp_path):
         code, err = run_main([*argv, "--epochs", "1", "--log-level", "WARNING"], capsys)
         assert code not in (0, None), argv
         assert err.count("\n") == 1 and err.startswith("sparse_mnist.py: error:"), (argv, err)
         assert message in err, (argv, err)
+
+
+def test_multi_worker_flags_need_a_cluster_and_one_seed(tmp_path, capsys, monkeypatch):
+    two = '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", '
+    for config, argv, message in [
+            ("{", ["--seed", "1"], "TF_CONFIG is not"),
+            (two + '"index": 2}}', ["--seed", "1"], "task worker:2 is not in its cluster"),
+            (two + '"index": 1}}', [], "needs --seed"),
+            (two + '"index": 1}}', ["--seed", "1", "--batch-size", "9"], "over 2 replicas"),
+            (two + '"index": 1}}', ["--seed", "1", "--peer-timeout", "0"], "--peer-timeout")]:
+        monkeypatch.setenv("TF_CONFIG", config)
+        code, err = run_main(["--distribute", "multi-worker", *argv, "--epochs", "1"], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, (config, argv, err)
+
+
+# ---- data-parallel runs: 2 replicas or 2 workers against one process at the same batch -------
+
+DISTRIBUTED = [*SMALL, "--droprate", "0", "--batch-size", "32"]
+
+
+def fc1_records(folder):
+    return {name: (r["row_indices"], r["col_indices"], r["values"])
+            for name, r in records(folder).items()}
+
+
+def assert_same_records(a, b):
+    assert sorted(a) == sorted(b) and len(a) == 5  # before training and after 4 updates
+    for name in a:
+        np.testing.assert_array_equal(a[name][0], b[name][0], err_msg=name)
+        np.testing.assert_array_equal(a[name][1], b[name][1], err_msg=name)
+        np.testing.assert_allclose(a[name][2], b[name][2], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_distribute_defaults_to_one_process_without_a_strategy():
+    args = sparse_mnist.parse_args(["--seed", "1"])
+    assert args.distribute == "none" and args.replica_count == 1
+
+
+@pytest.mark.slow
+def test_mirrored_and_two_worker_runs_match_one_process(mnist, tmp_path):
+    from ipu_sparse_ops.tools import local_cluster
+
+    single = train([*DISTRIBUTED, "--records-path", str(tmp_path / "rec1"),
+                    "--checkpoint-path", str(tmp_path / "ck1")], mnist)
+    mirrored = subprocess.run(
+        [sys.executable, str(SCRIPT), *DISTRIBUTED, "--distribute", "mirrored",
+         "--records-path", str(tmp_path / "rec_m"), "--checkpoint-path", str(tmp_path / "ck_m")],
+        cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert mirrored.returncode == 0, mirrored.stderr[-3000:]
+    assert_same_records(fc1_records(tmp_path / "rec_m"), fc1_records(tmp_path / "rec1"))
+
+    command = [sys.executable, str(SCRIPT), *DISTRIBUTED, "--distribute", "multi-worker",
+               "--records-path", str(tmp_path / "rec_w"), "--checkpoint-path",
+               str(tmp_path / "ck_w"), "--peer-timeout", "60"]
+    workers = local_cluster.start_workers(command, 2, env=script_env(), threads=1, cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True)
+    try:
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        local_cluster.stop_workers(workers)
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+        accuracy = float(out.split("Test accuracy: ")[1].split()[0])
+        assert accuracy == pytest.approx(single["test_accuracy"], abs=2e-4)  # 2 of 10,000
+    assert_same_records(fc1_records(tmp_path / "rec_w"), fc1_records(tmp_path / "rec1"))
+    (folder,) = Path(tmp_path / "ck_w").iterdir()  # the chief's run; the other's went to a temp
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-0001.keras",
+                                                        "checkpoint.json"]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_then_the_job_restarted_ends_as_one_process(mnist, tmp_path):
+    from ipu_sparse_ops.tools import local_cluster
+
+    flags = [*DISTRIBUTED, "--epochs", "6", "--steps-per-epoch", "2", "--train-samples", "2000"]
+    single = train([*flags, "--records-path", str(tmp_path / "rec1"),
+                    "--checkpoint-path", str(tmp_path / "ck1")], mnist)
+    backup = tmp_path / "backup"
+    command = [sys.executable, str(SCRIPT), *flags, "--distribute", "multi-worker",
+               "--backup-dir", str(backup), "--records-path", str(tmp_path / "rec_w"),
+               "--checkpoint-path", str(tmp_path / "ck_w"), "--peer-timeout", "60"]
+
+    def start():
+        return local_cluster.start_workers(command, 2, env=script_env(), threads=1, cwd=REPO,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True)
+    workers = start()
+    metadata = backup / "worker-1" / "training_metadata.json"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and workers[1].poll() is None:
+            if metadata.exists() and '"epoch": 2' in metadata.read_text(errors="replace"):
+                break  # two epochs backed up
+            time.sleep(0.05)
+        assert workers[1].poll() is None, "the job ended before a worker could be killed"
+        os.kill(workers[1].pid, signal.SIGKILL)
+    finally:
+        local_cluster.stop_workers(workers)  # its peer cannot go on: the job is restarted
+    workers = start()
+    try:
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        local_cluster.stop_workers(workers)
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+        trained = int(out.split("Throughput: ")[1].split("(")[1].split()[0])
+        assert 0 < trained <= 4 * 62 * 32  # resumed after at least 2 of the 6 epochs
+        accuracy = float(out.split("Test accuracy: ")[1].split()[0])
+        assert accuracy == pytest.approx(single["test_accuracy"], abs=2e-4)
+    last = max(fc1_records(tmp_path / "rec1"))
+    a, b = fc1_records(tmp_path / "rec_w")[last], fc1_records(tmp_path / "rec1")[last]
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_allclose(a[2], b[2], rtol=1e-4, atol=1e-6)
 
 
 # ---- flags of the original --------------------------------------------------------------
