@@ -135,10 +135,10 @@ def make_strategy(kind: str, *, replicas: int = 2, timeout_seconds: float = 60.0
     MultiWorkerMirroredStrategy over the cluster in `TF_CONFIG`.
 
     For multi-worker, `timeout_seconds` bounds how long a worker waits for its
-    peers to join the cluster and how long a peer may go silent (the
-    coordination service's register and heartbeat timeouts), so a worker that
-    cannot reach its peers fails with DeadlineExceeded/Unavailable, never hangs.
-    Raises ValueError for a bad `kind`, replica count or TF_CONFIG.
+    peers to join (a watchdog process then ends it with one line on stderr)
+    and how long a peer may go silent mid-run (the coordination service's
+    heartbeat timeout: the collectives then fail with an OpError on every
+    other worker). Raises ValueError for a bad `kind`, replica count or TF_CONFIG.
     """
     if kind == "none":
         return tf.distribute.get_strategy()

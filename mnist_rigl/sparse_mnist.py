@@ -862,6 +862,17 @@ def train(args: argparse.Namespace, data, strategy=None) -> dict:
                           callbacks=[*callbacks, count_traces])
             except rigl.NonFiniteGradientError as e:
                 raise TrainingError(str(e)) from None
+            except distribute.PatternMismatchError as e:
+                raise TrainingError(str(e)) from None
+            except tf.errors.OpError as e:
+                if args.distribute != "multi-worker":
+                    raise
+                # A peer that died or hung aborts the collectives on every other worker.
+                lines = [line.strip() for line in e.message.splitlines() if line.strip()]
+                cause = next((line for line in lines if "aborted by:" in line), lines[0])
+                raise TrainingError(f"the cluster failed ({cause.split('aborted by: ')[-1]}); "
+                                    "start every worker again (with --backup-dir the run "
+                                    "resumes)") from None
             if sparse and "first" in traced:
                 results["traces"] = 1 + sum(layer.traces for layer in sparse) - traced["first"]
             if args.single_train_step_only:

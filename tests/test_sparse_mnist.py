@@ -658,6 +658,32 @@ def test_a_worker_killed_mid_run_then_the_job_restarted_ends_as_one_process(mnis
     np.testing.assert_allclose(a[2], b[2], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_worker_whose_peer_dies_mid_run_stops_with_one_line_in_bounded_time(tmp_path):
+    from ipu_sparse_ops.tools import local_cluster
+
+    command = [sys.executable, str(SCRIPT), *DISTRIBUTED, "--epochs", "30", "--distribute",
+               "multi-worker", "--peer-timeout", "20", "--log-level", "INFO",
+               "--checkpoint-path", str(tmp_path / "ck")]
+    workers = local_cluster.start_workers(command, 2, env=script_env(), threads=1, cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True)
+    try:
+        for line in workers[0].stdout:
+            if "Rig-L step 2/" in line:
+                break
+        assert workers[1].poll() is None, workers[1].stderr.read()[-3000:]
+        os.kill(workers[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = workers[0].communicate(timeout=180)
+        assert time.monotonic() - killed < 120  # the heartbeat timeout is 20 s
+    finally:
+        local_cluster.stop_workers(workers)
+    assert workers[0].returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sparse_mnist.py: training stopped: the cluster failed ("), err[-3000:]
+
+
 # ---- flags of the original --------------------------------------------------------------
 
 TINY = ["--densities", "0.1", "0.3", "--epochs", "1", "--steps-per-epoch", "2",
