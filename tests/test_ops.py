@@ -227,3 +227,14 @@ def test_mismatched_values_shape_is_invalid_argument():
     with pytest.raises(tf.errors.InvalidArgumentError, match="metainfo"):
         ops._ops.ipu_sparse_matmul(tf.ones((2, 8)), rep.metainfo, np.ones((5, 1, 1), np.float32),
                                    tf.zeros((0, 0)), False, output_size=8)
+
+
+@pytest.mark.parametrize("input_size", [2 ** 31, 2 ** 32, 2 ** 40])
+def test_negative_row_is_caught_however_large_the_input(input_size):
+    """A row of -1 wraps to 2^32 - 1 unsigned; the range check must still reject it when
+    input_size is 2^32 or more (an empty batch keeps the output zero-sized)."""
+    metainfo = np.array([0, 0, 0, 1, -1], np.int32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="row_indices.* is outside"):
+        ops._ops.ipu_sparse_matmul_grad_input(tf.zeros((0, 3)), metainfo,
+                                              np.ones((1, 1, 1), np.float32),
+                                              input_size=input_size)

@@ -26,12 +26,15 @@ bool LooksValid(const int32_t* col_offsets, const int32_t* row_indices,
   if (bad_offsets != 0) return false;
   const int64_t nnz = col_offsets[output_blocks];
   if (nnz == 0) return true;
-  // Unsigned, a negative row wraps above any bound; int32 rows never reach 2^31.
+  // Unsigned, a negative row wraps to 2^31 or above: past the bound, which is
+  // capped at 2^31 (no int32 row reaches it) so that a huge input_blocks does
+  // not let a wrapped row through.
   uint32_t highest_row = 0;
   for (int64_t k = 0; k < nnz; ++k) {
     highest_row = std::max(highest_row, static_cast<uint32_t>(row_indices[k]));
   }
-  if (highest_row >= static_cast<uint64_t>(input_blocks)) return false;
+  const int64_t row_bound = std::min<int64_t>(input_blocks, int64_t{1} << 31);
+  if (highest_row >= static_cast<uint64_t>(row_bound)) return false;
   // Rows must rise at every step of the flat array except where a column
   // starts: count the steps that do not, then forgive those at column starts.
   uint32_t not_rising = 0;
