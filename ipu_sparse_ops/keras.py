@@ -60,11 +60,11 @@ class SparseDense(keras.layers.Layer):
             from the start and after every `set_triplets`, so it never
             carries anything (`RigL` ranks such blocks per real element).
         activation, use_bias: as for `keras.layers.Dense`.
-        pooling: how `RigL` ranks blocks: "NONE" sums |dL/dW| over each block
-            on the host, "SUM", "AVG" or "MAX" pool it inside the op. Under
-            `tf.distribute` the replicas' pooled gradients are summed, which
-            for pooled |g| is not the pooling of the summed gradient: only
-            "NONE" ranks exactly as one replica on the global batch would.
+        pooling: how `RigL` scores a block from |dL/dW| over it: "NONE" or
+            "SUM" sum it, "AVG" averages it, "MAX" takes its largest. The layer
+            keeps the full dL/dW and `RigL` pools it on the host, so under
+            `tf.distribute` it pools the replicas' summed gradient, exactly as
+            one replica on the global batch would.
         seed: the initial pattern and values; None draws it from numpy's
             global generator (which `keras.utils.set_random_seed` seeds).
         meta_info_oversize: capacity headroom over the initial block count.
@@ -73,7 +73,7 @@ class SparseDense(keras.layers.Layer):
 
     The weights are `metainfo` (the pattern, int32), `nz_values`
     [capacity, block_size, block_size] (trainable, in the op's slot order),
-    `bias`, and, for `RigL`, `dense_grad` (the last dense gradient taken) and
+    `bias`, and, for `RigL`, `dense_grad` (the last dL/dW taken, full size) and
     `dense_grad_countdown` (steps until the next one is taken; 0: none due).
     Inputs may have any rank >= 2; the last axis is the features. `spec`
     holds the padded sizes, `input_size` and `units` the real ones.
@@ -128,7 +128,7 @@ class SparseDense(keras.layers.Layer):
         # (each of a loss Keras scaled by 1 / replicas: the global batch's gradient), and
         # the countdown, the same on every replica, reads as the first one's.
         self.dense_grad = self._add_replica_local(
-            "dense_grad", self.spec.dense_grad_shape, "float32", "sum")
+            "dense_grad", (self.spec.input_size, self.spec.output_size), "float32", "sum")
         self.dense_grad_countdown = self._add_replica_local(
             "dense_grad_countdown", (), "int32", "only_first_replica")
 
@@ -190,8 +190,7 @@ class SparseDense(keras.layers.Layer):
         due = tf.equal(countdown.read_value(), 1)
 
         def take():  # in float32: a float16 gradient of a scaled loss could overflow
-            grad = ops.dense_gradient(tf.cast(x, tf.float32), tf.cast(dy, tf.float32),
-                                      self.spec.block_size, self.spec.pooling_type)
+            grad = ops.dense_gradient(tf.cast(x, tf.float32), tf.cast(dy, tf.float32))
             with tf.control_dependencies([store.assign(grad)]):
                 return tf.constant(True)
         taken = tf.cond(due, take, lambda: tf.constant(False))

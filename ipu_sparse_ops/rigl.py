@@ -1,8 +1,8 @@
 """The step between the op and `sparse_training`'s numpy Rig-L: scores from a dense gradient.
 
-The op returns the dense gradient a layer's `RigL` update ranks (full, or
-pooled per block by SUM/AVG/MAX); `block_scores` turns it into one score per
-block, `per_element` corrects blocks that reach into padding, and
+`block_scores` turns the full dense gradient a layer's `RigL` update ranks
+into one score per block (|g| pooled by the layer's SUM/AVG/MAX; NONE sums),
+`per_element` corrects blocks that reach into padding, and
 `check_finite` stops a run before a NaN/Inf gradient can corrupt a pattern
 (`NonFiniteGradientError`, a one-line ValueError for the script to report).
 """
@@ -19,24 +19,27 @@ class NonFiniteGradientError(ValueError):
 
 
 def block_scores(spec: MatmulSpec, dense_grad) -> np.ndarray:
-    """The op's dense gradient for `spec` as Rig-L scores [input_blocks, output_blocks] (float32).
+    """Rig-L scores [input_blocks, output_blocks] (float32) from the full dL/dW.
 
-    For pooling NONE the gradient is the full dL/dW [input_size, output_size]:
-    element-wise it is returned as is (prune_and_regrow ranks |g|), for blocks
-    |g| is summed over each block on the host. For SUM/AVG/MAX the op already
-    pooled |g| per block and it is returned as is.
+    Each block's |g| is pooled by `spec.pooling_type` (NONE and SUM: summed),
+    as the op pools it; pooling on the host lets replicas sum their gradients
+    first. Element-wise (block size 1) the score is |g|.
 
     Raises:
-        ValueError: the gradient does not have the op's shape for this spec.
+        ValueError: the gradient is not [input_size, output_size] of this spec.
     """
-    grad = np.asarray(dense_grad, dtype=np.float32)
-    if grad.shape != tuple(spec.dense_grad_shape):
+    grad = np.abs(np.asarray(dense_grad, dtype=np.float32))
+    if grad.shape != (spec.input_size, spec.output_size):
         raise ValueError(f"dense gradient has shape {grad.shape}, expected "
-                         f"{tuple(spec.dense_grad_shape)} for this layer")
-    if spec.pooling_type == "NONE" and spec.block_size > 1:
-        bs = spec.block_size
-        grad = np.abs(grad).reshape(spec.input_blocks, bs, spec.output_blocks, bs).sum(axis=(1, 3))
-    return grad
+                         f"{(spec.input_size, spec.output_size)} for this layer")
+    bs = spec.block_size
+    if bs == 1:
+        return grad
+    blocks = grad.reshape(spec.input_blocks, bs, spec.output_blocks, bs)
+    if spec.pooling_type == "MAX":
+        return blocks.max(axis=(1, 3))
+    scores = blocks.sum(axis=(1, 3), dtype=np.float32)
+    return scores / bs ** 2 if spec.pooling_type == "AVG" else scores
 
 
 def check_finite(name: str, dense_grad) -> None:

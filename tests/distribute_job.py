@@ -48,10 +48,11 @@ def run(kind: str, out: str) -> None:
     with strategy.scope():
         model = keras.Sequential([
             keras.Input((FEATURES,)),
-            SparseDense(64, 0.25, block_size=4, activation="relu", seed=1,
+            # Pooled |g| is not linear in g: replicas must sum before pooling.
+            SparseDense(64, 0.25, block_size=4, activation="relu", pooling="MAX", seed=1,
                         kernel_regularizer=WeightDecay(1e-2), name="fc1"),
             SeededDropout(0.0, seed=3, name="dropout"),
-            SparseDense(CLASSES, 0.5, seed=2, name="fc2")])
+            SparseDense(CLASSES, 0.5, pooling="SUM", seed=2, name="fc2")])
         model.compile(keras.optimizers.Adam(1e-2),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       steps_per_execution=distribute.steps_per_execution(strategy, 2))
