@@ -60,6 +60,7 @@ BLOCK_SIZES = (1, 4, 8, 16)
 DEFAULT_DENSITIES = {"seeds": (0.1, 0.3), "density": (0.1, 0.3), "block": (0.01, 1.0)}
 TEST_LINE = re.compile(r"^Test loss: (\S+) Test accuracy: (\S+)$", re.MULTILINE)
 THROUGHPUT_LINE = re.compile(r"^Throughput: (\d+(?:\.\d+)?) samples/s", re.MULTILINE)
+CHIEF_PREFIX = "[worker 0] "  # local_cluster's prefix of the chief's lines
 
 
 class SweepError(Exception):
@@ -107,12 +108,22 @@ def planned_runs(args: argparse.Namespace) -> list[dict]:
                     flags += ["--block-size", str(block)]
                 flags += ["--seed", str(seed), "--epochs", str(args.epochs),
                           *RECIPES[args.recipe], *args.extra]
-                key = shlex.join(flags)
+                if args.workers:
+                    flags += ["--distribute", "multi-worker"]
+                key = shlex.join(local_cluster(args.workers) + flags)
                 runs[key] = {"key": key, "variant": variant, "seed": seed,
                              "recipe": args.recipe, "densities": [fc1, fc2],
                              "block_size": block or 1, "epochs": args.epochs,
-                             "extra": list(args.extra), "args": flags}
+                             "workers": args.workers, "extra": list(args.extra), "args": flags}
     return list(runs.values())
+
+
+def local_cluster(workers: int | None) -> list[str]:
+    """The launcher of a run on `workers` local workers of one thread each ([] for none)."""
+    if not workers:
+        return []
+    return [sys.executable, "-m", "ipu_sparse_ops.tools.local_cluster", "--workers",
+            str(workers), "--threads", "1", "--"]
 
 
 def load_results(path: Path) -> dict:
@@ -136,8 +147,9 @@ def _log_name(run: dict) -> str:
     # The hash keeps runs apart that differ only in extra flags.
     digest = hashlib.sha1(run["key"].encode()).hexdigest()[:8]
     fc1, fc2 = run["densities"]
+    workers = f"_w{run['workers']}" if run.get("workers") else ""
     return (f"{run['recipe']}_{run['variant']}_{fc1:g}_{fc2:g}_b{run['block_size']}"
-            f"_seed{run['seed']}_{digest}.log")
+            f"{workers}_seed{run['seed']}_{digest}.log")
 
 
 def run_one(run: dict, log_dir: Path) -> dict:
@@ -149,19 +161,23 @@ def run_one(run: dict, log_dir: Path) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="experiment_ckpt_") as ckpt:
         # Our --checkpoint-path first, so one in the extra flags still wins.
-        command = [sys.executable, "-m", "mnist_rigl.sparse_mnist", "--checkpoint-path", ckpt,
-                   *run["args"]]
+        command = [*local_cluster(run.get("workers")), sys.executable, "-m",
+                   "mnist_rigl.sparse_mnist", "--checkpoint-path", ckpt, *run["args"]]
         proc = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     log = log_dir / _log_name(run)
     log.write_text(proc.stdout + proc.stderr)
     record = {k: v for k, v in run.items() if k != "key"}
     record.update(wall_seconds=round(wall, 1), log=str(log))
-    test = TEST_LINE.search(proc.stdout)
+    stdout = proc.stdout
+    if run.get("workers"):  # the chief's lines only
+        stdout = "\n".join(line.removeprefix(CHIEF_PREFIX) for line in stdout.splitlines()
+                           if line.startswith(CHIEF_PREFIX))
+    test = TEST_LINE.search(stdout)
     if proc.returncode != 0 or test is None:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {**record, "status": "failed", "error": f"exit {proc.returncode}: {last}"}
-    throughput = THROUGHPUT_LINE.search(proc.stdout)
+    throughput = THROUGHPUT_LINE.search(stdout)
     return {**record, "status": "done", "test_loss": float(test[1]),
             "test_accuracy": float(test[2]),
             "samples_per_second": float(throughput[1]) if throughput else None}
@@ -197,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="run each as N local workers of one thread each "
+                        "(--distribute multi-worker, as make mnist-distributed)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the runs still to do and stop")
     parser.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
@@ -216,6 +235,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 raise SweepError(f"{flag} must be in (0, 1], got {density:g}")
     if args.epochs < 1:
         raise SweepError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.workers is not None and args.workers < 1:
+        raise SweepError(f"--workers must be >= 1, got {args.workers}")
     return args
 
 
@@ -249,7 +270,8 @@ def main(argv=None) -> int:
                     args.sweep, args.recipe, len(runs), len(runs) - len(todo), len(todo))
         if args.dry_run:
             for run in todo:
-                print(shlex.join(["python", "-m", "mnist_rigl.sparse_mnist", *run["args"]]))
+                print(shlex.join([*local_cluster(run["workers"]), "python", "-m",
+                                  "mnist_rigl.sparse_mnist", *run["args"]]))
             return 0
         save_results(args.output, results)  # the new tags, before the first run
         failed = 0

@@ -91,6 +91,7 @@ def test_block_sweep_passes_block_size_and_the_recipes_pooling():
     (["--fc1-densities", "0.1", "0"], "--fc1-densities must be in (0, 1], got 0"),
     (["--densities", "1.5", "1"], "--densities must be in (0, 1], got 1.5"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
 ])
 def test_bad_flags_are_one_line(tmp_path, capsys, argv, message):
     assert experiment.main(["--output", str(tmp_path / "r.json"), "--dry-run", *argv]) == 2
@@ -209,12 +210,23 @@ def test_plotter_table(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_workers_run_on_a_local_cluster_and_are_other_runs():
+    single = planned(["--variants", "rigl", "--seeds", "1"])
+    one, two = (planned(["--variants", "rigl", "--seeds", "1", "--workers", n]) for n in "12")
+    assert "--distribute" not in single[0]["args"] and single[0]["workers"] is None
+    for run, n in ((one[0], "1"), (two[0], "2")):
+        assert run["args"][-2:] == ["--distribute", "multi-worker"]
+        assert "ipu_sparse_ops.tools.local_cluster --workers " + n + " --threads 1 --" in run["key"]
+    assert len({single[0]["key"], one[0]["key"], two[0]["key"]}) == 3
+
+
 @pytest.mark.slow
-def test_sweep_runs_the_script(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_sweep_runs_the_script(tmp_path, monkeypatch, workers):
     monkeypatch.chdir(tmp_path)  # where sparse_mnist.py's default checkpoints/ would go
     results = tmp_path / "results.json"
     argv = ["--output", str(results), "--variants", "rigl", "--seeds", "1", "--epochs", "1",
-            "--", "--train-samples", "2000", "--steps-per-epoch", "2"]
+            *workers, "--", "--train-samples", "2000", "--steps-per-epoch", "2"]
     assert experiment.main(argv) == 0
     (run,) = json.loads(results.read_text())["runs"].values()
     assert run["status"] == "done" and 0.1 < run["test_accuracy"] <= 1.0
