@@ -33,6 +33,12 @@ The defaults are the original's (batch 2, one epoch, test accuracy >= 0.85);
         --pooling-type SUM
     python sparse_transformer_rigl_mnist.py --mode train --train-checkpoint-path ckpt
     python sparse_transformer_rigl_mnist.py --mode test --train-checkpoint-path ckpt
+    python -m ipu_sparse_ops.tools.local_cluster --workers 2 -- \
+        python sparse_transformer_rigl_mnist.py --recipe fast --distribute multi-worker
+
+`--distribute mirrored|multi-worker` trains data-parallel on tf.distribute, as
+mnist_rigl/sparse_mnist.py does: --batch-size is the global batch, and only the
+chief writes the trained model.
 """
 
 import argparse
@@ -51,8 +57,9 @@ from ipu_sparse_ops.cli import ArgumentParser
 from ipu_sparse_ops.ipu_only_flags import IPU_ONLY, IpuOnlyFlag
 from ipu_sparse_ops.keras_optimizers import check_options, optimizer_name, parse_optimizer_args
 from ipu_sparse_ops.training_run import (
-    TrainingError, UsageError, batch_dataset, check_writable_dir, parse_flags, read_sidecar,
-    report_failure, save_model_with_sidecar, steps_per_segment)
+    TrainingError, UsageError, add_distribute_flags, batch_dataset, check_distribute_args,
+    check_writable_dir, chief_folder, fit_errors, make_strategy, parse_flags, read_sidecar,
+    report_failure, save_model_with_sidecar, shard_batches, steps_per_segment)
 
 logger = logging.getLogger("sparse_transformer")
 
@@ -252,6 +259,7 @@ def build_parser(recipe: str = "original") -> argparse.ArgumentParser:
                         help="a JSON object of flag values by name (e.g. {\"batch_size\": 16, "
                              "\"disable_concat_qkv\": true}) that override the command line, "
                              "as in the original")
+    add_distribute_flags(parser)
     parser.add_argument("--data-dir", default=None,
                         help="read MNIST from the four IDX files here instead of the caches")
     parser.add_argument("--train-checkpoint-path", "--checkpoint-path", dest="checkpoint_path",
@@ -367,6 +375,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         raise UsageError(f"--accuracy-threshold must be in [0, 1], got {args.accuracy_threshold:g}")
     if not 0 <= args.random_seed < 2**63:
         raise UsageError(f"--random-seed must be in [0, 2**63), got {args.random_seed}")
+    # --random-seed always has a value (42 unless given), so every worker draws one model.
+    check_distribute_args(args, seed_known=True)
     try:
         args.cosine_options = sparse_training.cosine_options(args.cosine_prune_schedule)
     except ValueError as e:
@@ -499,22 +509,28 @@ def load_model(folder: Path, args):
 
 # ---- training and testing --------------------------------------------------------------
 
-def train(args, x_train, y_train, seed: int):
-    """The Rig-L training run, one `model.fit`; returns (model, results).
+def train(args, x_train, y_train, seed: int, strategy=None):
+    """The Rig-L training run, one `model.fit` (under `strategy`, by default
+    TensorFlow's default one); returns (model, results).
 
     Raises UsageError / TrainingError.
     """
     import keras
-    from ipu_sparse_ops import rigl
+    from ipu_sparse_ops import distribute
+    from ipu_sparse_ops.tf_startup import tf
     from ipu_sparse_ops.keras import RigL, sparse_layers
     from ipu_sparse_ops.keras_optimizers import make_optimizer
-    from ipu_sparse_ops.segment_log import SegmentLog
+    from ipu_sparse_ops.segment_log import SegmentLog, per_segment
     from ipu_sparse_ops.transformer.encoder import Settings
 
     segment = steps_per_segment(len(x_train), args.batch_size, args.steps_per_epoch)
     segments = args.steps_per_epoch * args.nepochs
     steps_per_epoch = segment * args.steps_per_epoch
-    model = build_model(args, seed)
+    strategy = strategy or tf.distribute.get_strategy()
+    # Several replicas run one step an execution (see distribute.steps_per_execution).
+    per_execution = distribute.steps_per_execution(strategy, segment)
+    with strategy.scope():
+        model = build_model(args, seed)
     sparse = sparse_layers(model)
     do_updates = bool(not args.disable_updating and sparse and segments > 1
                       and args.prune_ratio > 0.0)
@@ -524,13 +540,14 @@ def train(args, x_train, y_train, seed: int):
                          f"{segments} Rig-L steps of this run")
     settings = Settings(data_type=args.data_type, seed=seed)  # the dtype and the run's seeds
     dtype = settings.dtype
-    optimizer = make_optimizer(args.optimizer, learning_rate_schedule(args, steps_per_epoch),
-                               dtype=dtype, **args.optimizer_options)
+    with strategy.scope():
+        optimizer = make_optimizer(args.optimizer, learning_rate_schedule(args, steps_per_epoch),
+                                   dtype=dtype, **args.optimizer_options)
+        compile_model(model, optimizer, per_execution)
+        model.optimizer.build(model.trainable_variables)
     if dtype == "float16" and args.optimizer == "Adam" and "epsilon" not in args.optimizer_options:
         logger.info("fp16: Adam epsilon %g (pass --optimizer-arg epsilon=... to change it)",
                     optimizer.epsilon)
-    compile_model(model, optimizer, segment)
-    model.optimizer.build(model.trainable_variables)
     describe(model)
     # As the original: update t = 1..T - 1 of T = steps per epoch x epochs.
     rigl_callback = RigL(segment, prune_ratio=args.prune_ratio, regrow=args.regrow_type,
@@ -542,18 +559,18 @@ def train(args, x_train, y_train, seed: int):
     traces = []  # SparseDense traces after each segment: a pattern update must add none
     count = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: traces.append(
         sum(layer.traces for layer in sparse)))
-    dataset = batch_dataset(x_train, y_train.astype(np.int32), batch_size=args.batch_size,
-                            batches_per_pass=steps_per_epoch,
-                            seed=settings.seed_of("shuffle"))
+    dataset = shard_batches(batch_dataset(x_train, y_train.astype(np.int32),
+                                          batch_size=args.batch_size,
+                                          batches_per_pass=steps_per_epoch,
+                                          seed=settings.seed_of("shuffle")), args.distribute)
     logger.info("%d training images, batch size %d: %d steps in %d Rig-L segments, "
                 "%d pattern updates", len(x_train), args.batch_size, segments * segment,
                 segments, segments - 1 if do_updates else 0)
-    try:
+    logged = log if per_execution == segment else per_segment(log, segment)
+    with fit_errors(args.distribute):
         model.fit(dataset, epochs=args.nepochs, steps_per_epoch=steps_per_epoch, verbose=0,
                   shuffle=False,  # the dataset is shuffled already
-                  callbacks=[*([rigl_callback] if rigl_callback else []), log, count])
-    except rigl.NonFiniteGradientError as e:
-        raise TrainingError(str(e)) from None
+                  callbacks=[*([rigl_callback] if rigl_callback else []), logged, count])
     records = log.records
     retraces = traces[-1] - traces[0] if traces else 0
     logger.debug("SparseDense layers traced again after the first segment: %d", retraces)
@@ -574,9 +591,15 @@ def test(model, x_test, y_test) -> dict:
             "test_seconds": seconds, "test_samples": len(x_test)}
 
 
-def run(args) -> int:
-    """Load data, train and/or test; prints the results. Returns the exit status."""
+def run(args, strategy=None) -> int:
+    """Load data, train and/or test (under `strategy`, by default TensorFlow's default
+    one); prints the results. Returns the exit status."""
+    from ipu_sparse_ops import distribute
+    from ipu_sparse_ops.tf_startup import tf
     from mnist_rigl.mnist_data import load_mnist
+
+    strategy = strategy or tf.distribute.get_strategy()
+    chief = distribute.is_chief(strategy)
 
     x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
     if args.train_samples is not None:
@@ -585,20 +608,24 @@ def run(args) -> int:
         x_test, y_test = x_test[:args.test_samples], y_test[:args.test_samples]
 
     if args.mode == "test":
-        model, seed = load_model(args.checkpoint_path, args)
-        compile_model(model)
+        with strategy.scope():
+            model, seed = load_model(args.checkpoint_path, args)
+            compile_model(model)
         logger.info("loaded %s (seed %d)", args.checkpoint_path / CHECKPOINT_NAME, seed)
     else:
         seed = args.random_seed
-        model, results = train(args, x_train, y_train, seed)
+        model, results = train(args, x_train, y_train, seed, strategy)
         if results["samples"]:
             rate = results["samples"] / results["train_seconds"]
             print(f"Training throughput: {rate:.0f} samples/s, {rate * TOKENS:.0f} tokens/s "
                   f"({results['samples']} samples in {results['train_seconds']:.1f} s)")
-        folder = args.checkpoint_path
-        if folder is None:  # as the original
-            folder = Path(tempfile.mkdtemp(prefix="sparse_transformer_"))
-        logger.info("saved the trained model to %s", save_model(folder, model, args, seed))
+        # Every worker saves (reading the weights is collective); only the chief keeps it.
+        with chief_folder(args.checkpoint_path, chief) as folder:
+            if folder is None:  # as the original
+                folder = Path(tempfile.mkdtemp(prefix="sparse_transformer_"))
+            saved = save_model(folder, model, args, seed)
+        if chief:
+            logger.info("saved the trained model to %s", saved)
     if args.mode == "train":
         return 0
 
@@ -629,7 +656,7 @@ def main(argv=None) -> int:
     from mnist_rigl.mnist_data import MnistError
 
     try:
-        return run(args)
+        return run(args, make_strategy(args, logger))
     except (UsageError, TrainingError, MnistError, OSError) as e:
         return report_failure(PROG, e)
 

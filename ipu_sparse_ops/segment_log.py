@@ -79,3 +79,30 @@ class SegmentLog(keras.callbacks.Callback):
             f"  {rate * self.tokens:.0f} tokens/s" if self.tokens else "")
         if self.on_segment is not None:
             self.on_segment(record)
+
+
+def per_segment(inner: keras.callbacks.Callback, steps_per_segment: int):
+    """`inner` handed only the batches that begin and end a Rig-L segment, so that a
+    per-execution callback (SegmentLog) sees segments when each execution is one step
+    (under a strategy of several replicas, see distribute.steps_per_execution)."""
+
+    class PerSegment(keras.callbacks.Callback):
+        def set_model(self, model):
+            super().set_model(model)
+            inner.set_model(model)
+
+        def set_params(self, params):
+            super().set_params(params)
+            inner.set_params(params)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            inner.on_epoch_begin(epoch, logs)
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch % steps_per_segment == 0:
+                inner.on_train_batch_begin(batch, logs)
+
+        def on_train_batch_end(self, batch, logs=None):
+            if (batch + 1) % steps_per_segment == 0:
+                inner.on_train_batch_end(batch, logs)
+    return PerSegment()

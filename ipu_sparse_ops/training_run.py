@@ -1,6 +1,7 @@
 """What every training script shares: the batches of a Keras run, files written so
-that a kill never leaves half of one, and how a bad flag, bad input or failed run
-reaches the user (one line on stderr; exit status 2 or 1)."""
+that a kill never leaves half of one, how a bad flag, bad input or failed run
+reaches the user (one line on stderr; exit status 2 or 1), and the flags and
+plumbing of data-parallel training on tf.distribute."""
 
 from __future__ import annotations
 
@@ -200,3 +201,123 @@ def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     except UsageError as e:
         parser.error(str(e))
     return args
+
+
+# ---- data-parallel training (tf.distribute) --------------------------------------------
+
+def add_distribute_flags(parser: argparse.ArgumentParser) -> None:
+    """--distribute, --replicas and --peer-timeout, as every training script takes them."""
+    parser.add_argument("--distribute", choices=("none", "mirrored", "multi-worker"),
+                        default="none",
+                        help="data-parallel training with tf.distribute: mirrored over "
+                             "--replicas logical CPUs of this process, or multi-worker over "
+                             "the processes TF_CONFIG describes (one per machine, each "
+                             "started with the same flags); --batch-size is the global batch")
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="with --distribute mirrored, the logical CPU devices (replicas)")
+    parser.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="with --distribute multi-worker, how long a worker waits for its "
+                             "peers to join before it fails")
+
+
+def check_distribute_args(args: argparse.Namespace, *, seed_known: bool,
+                          micro_batch: int | None = None) -> None:
+    """--distribute's needs: replicas that share the batch evenly, a TF_CONFIG, one seed.
+
+    Sets `args.replica_count` (1 without a strategy). `seed_known`: every worker
+    will draw from the same seed (given, or a checkpoint's). `micro_batch`: what
+    each step trains when --batch-size is cut into micro-batches (default: the batch).
+    Raises UsageError; reads TF_CONFIG without importing TensorFlow.
+    """
+    from ipu_sparse_ops.cluster import tf_config
+
+    args.replica_count = 1
+    if args.distribute == "mirrored":
+        if args.replicas < 1:
+            raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
+        args.replica_count = args.replicas
+    elif args.distribute == "multi-worker":
+        try:
+            config = tf_config()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if config is None:
+            raise UsageError("--distribute multi-worker needs TF_CONFIG: the cluster and this "
+                             "worker's task")
+        args.replica_count = sum(len(tasks) for job, tasks in config["cluster"].items()
+                                 if job in ("chief", "worker"))
+        if not seed_known:
+            raise UsageError("--distribute multi-worker needs --seed: every worker must "
+                             "draw the same model")
+        if not args.peer_timeout > 0:
+            raise UsageError(f"--peer-timeout must be > 0, got {args.peer_timeout:g}")
+    step_batch = args.batch_size if micro_batch is None else micro_batch
+    if step_batch % args.replica_count:
+        per = "" if micro_batch is None else f" (per micro-batch {micro_batch})"
+        raise UsageError(f"--batch-size {args.batch_size}{per} does not split evenly over "
+                         f"{args.replica_count} replicas")
+
+
+def make_strategy(args: argparse.Namespace, logger):
+    """--distribute's strategy, made before anything initialises TensorFlow's devices.
+
+    Raises UsageError (one line) when it cannot be made; logs the replicas to `logger`.
+    """
+    from ipu_sparse_ops import distribute
+
+    try:
+        strategy = distribute.make_strategy(args.distribute, replicas=args.replicas,
+                                            timeout_seconds=args.peer_timeout)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--distribute {args.distribute}: {e}") from None
+    if strategy.num_replicas_in_sync > 1:
+        logger.info("--distribute %s: %d replicas, global batch %d", args.distribute,
+                    strategy.num_replicas_in_sync, args.batch_size)
+    return strategy
+
+
+def shard_batches(dataset, distribute: str):
+    """`dataset` of global batches; under multi-worker each worker keeps its share of
+    every one (AutoShardPolicy.DATA) rather than tf.data's default split by file."""
+    if distribute != "multi-worker":
+        return dataset
+    from ipu_sparse_ops.tf_startup import tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+@contextlib.contextmanager
+def fit_errors(distribute: str, resumes_with: str | None = None):
+    """`model.fit`'s failures as one-line TrainingErrors: a NaN/Inf gradient, replicas
+    whose patterns differ and, under multi-worker, a peer that died or hung (it aborts
+    the collectives on every other worker). `resumes_with`: the flag that lets a
+    restarted job go on, named in that last message."""
+    from ipu_sparse_ops.tf_startup import tf
+    from ipu_sparse_ops import distribute as dist, rigl
+
+    try:
+        yield
+    except (rigl.NonFiniteGradientError, dist.PatternMismatchError) as e:
+        raise TrainingError(str(e)) from None
+    except tf.errors.OpError as e:
+        if distribute != "multi-worker":
+            raise
+        lines = [line.strip() for line in e.message.splitlines() if line.strip()]
+        cause = next((line for line in lines if "aborted by:" in line), lines[0])
+        again = f" (with {resumes_with} the run resumes)" if resumes_with else ""
+        raise TrainingError(f"the cluster failed ({cause.split('aborted by: ')[-1]}); "
+                            f"start every worker again{again}") from None
+
+
+@contextlib.contextmanager
+def chief_folder(folder: Path | None, chief: bool):
+    """Where this worker saves: `folder` on the chief, a temporary folder (removed
+    after) on the others, which must save too, since saving reads the replica-local
+    variables collectively (as Keras documents for multi-worker training)."""
+    if chief:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory() as temp:
+        yield Path(temp)

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +44,9 @@ from ipu_sparse_ops.cli import ArgumentParser
 from ipu_sparse_ops.ipu_only_flags import IPU_ONLY, IpuOnlyFlag
 from ipu_sparse_ops.keras_optimizers import check_options, parse_optimizer_args
 from ipu_sparse_ops.training_run import (
-    TrainingError, UsageError, batch_dataset, check_writable_dir, parse_flags, remove_stale_temps,
-    report_failure, save_model_atomically, write_atomically)
+    TrainingError, UsageError, add_distribute_flags, batch_dataset, check_distribute_args,
+    check_writable_dir, chief_folder, fit_errors, make_strategy, parse_flags, remove_stale_temps,
+    report_failure, save_model_atomically, shard_batches, write_atomically)
 from mnist_rigl.mnist_data import MnistError, load_mnist
 
 logger = logging.getLogger("sparse_mnist")
@@ -192,17 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue the newest run in --checkpoint-path exactly where its "
                              "checkpoint left off, or start a new run if there is none (for "
                              "restart loops)")
-    parser.add_argument("--distribute", choices=("none", "mirrored", "multi-worker"),
-                        default="none",
-                        help="data-parallel training with tf.distribute: mirrored over "
-                             "--replicas logical CPUs of this process, or multi-worker over "
-                             "the processes TF_CONFIG describes (one per machine, each "
-                             "started with the same flags); --batch-size is the global batch")
-    parser.add_argument("--replicas", type=int, default=2,
-                        help="with --distribute mirrored, the logical CPU devices (replicas)")
-    parser.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="with --distribute multi-worker, how long a worker waits for its "
-                             "peers to join before it fails")
+    add_distribute_flags(parser)
     parser.add_argument("--backup-dir", type=Path, default=None,
                         help="keras.callbacks.BackupAndRestore's folder (with multi-worker, "
                              "one sub-folder per worker): a run killed and started again with "
@@ -283,7 +273,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.use_wandb and not args.wandb_project_name:
         raise UsageError("--use-wandb needs --wandb-project-name")
     check_restore_args(args)
-    check_distribute_args(args)
+    # A restored run takes its checkpoint's seed.
+    check_distribute_args(
+        args, seed_known=args.seed is not None or args.restore is not None or args.resume_latest,
+        micro_batch=args.batch_size // args.gradient_accumulation_count)
     trains = args.test_mode != "tests"
     if args.backup_dir is not None:
         if args.restore is not None or args.resume_latest:
@@ -305,36 +298,6 @@ def check_args(args: argparse.Namespace) -> None:
         check_options(args.optimizer, args.optimizer_options)
     except ValueError as e:
         raise UsageError(f"--optimizer-arg: {e}") from None
-
-
-def check_distribute_args(args: argparse.Namespace) -> None:
-    """--distribute's needs: replicas that share the batch evenly, a TF_CONFIG, one seed."""
-    from ipu_sparse_ops.cluster import tf_config
-
-    args.replica_count = 1
-    if args.distribute == "mirrored":
-        if args.replicas < 1:
-            raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
-        args.replica_count = args.replicas
-    elif args.distribute == "multi-worker":
-        try:
-            config = tf_config()
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if config is None:
-            raise UsageError("--distribute multi-worker needs TF_CONFIG: the cluster and this "
-                             "worker's task")
-        args.replica_count = sum(len(tasks) for job, tasks in config["cluster"].items()
-                                 if job in ("chief", "worker"))
-        if args.seed is None and args.restore is None and not args.resume_latest:
-            raise UsageError("--distribute multi-worker needs --seed: every worker must "
-                             "draw the same model")
-        if not args.peer_timeout > 0:
-            raise UsageError(f"--peer-timeout must be > 0, got {args.peer_timeout:g}")
-    micro_batch = args.batch_size // args.gradient_accumulation_count
-    if micro_batch % args.replica_count:
-        raise UsageError(f"--batch-size {args.batch_size} (per micro-batch {micro_batch}) does "
-                         f"not split evenly over {args.replica_count} replicas")
 
 
 def check_restore_args(args: argparse.Namespace) -> None:
@@ -708,42 +671,14 @@ def backed_up_epochs(folder: Path) -> int:
                          f"({e})") from None
 
 
-def per_segment(inner, steps_per_segment: int):
-    """`inner` handed only the batches that begin and end a Rig-L segment, so that a
-    per-execution callback (SegmentLog) sees segments when each execution is one step
-    (under a strategy of several replicas, see distribute.steps_per_execution)."""
-    import keras
-
-    class PerSegment(keras.callbacks.Callback):
-        def set_model(self, model):
-            super().set_model(model)
-            inner.set_model(model)
-
-        def set_params(self, params):
-            super().set_params(params)
-            inner.set_params(params)
-
-        def on_epoch_begin(self, epoch, logs=None):
-            inner.on_epoch_begin(epoch, logs)
-
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch % steps_per_segment == 0:
-                inner.on_train_batch_begin(batch, logs)
-
-        def on_train_batch_end(self, batch, logs=None):
-            if (batch + 1) % steps_per_segment == 0:
-                inner.on_train_batch_end(batch, logs)
-    return PerSegment()
-
-
 def train(args: argparse.Namespace, data, strategy=None) -> dict:
     """The whole run (under `strategy`, by default TensorFlow's default one); returns
     the final metrics. Raises UsageError / TrainingError."""
     from ipu_sparse_ops.tf_startup import tf
     import keras
-    from ipu_sparse_ops import distribute, rigl
+    from ipu_sparse_ops import distribute
     from ipu_sparse_ops.keras import RigL, sparse_layers
-    from ipu_sparse_ops.segment_log import SegmentLog
+    from ipu_sparse_ops.segment_log import SegmentLog, per_segment
 
     x_train, y_train, x_test, y_test = data
     if args.train_samples is not None:
@@ -823,11 +758,8 @@ def train(args: argparse.Namespace, data, strategy=None) -> dict:
     def checkpoint_after(epoch, logs=None):
         done = epoch + 1
         if (done - 1) % args.checkpoint_freq == 0 or done == args.epochs:
-            if chief:
-                save_checkpoint(run_folder, model, config, done)
-            else:  # every worker saves (reading the weights is collective), the chief's counts
-                with tempfile.TemporaryDirectory() as folder:
-                    save_checkpoint(Path(folder), model, config, done)
+            with chief_folder(run_folder, chief) as folder:  # every worker saves
+                save_checkpoint(folder, model, config, done)
 
     segment_log = log
     if per_execution < plan.fit_steps_per_segment:
@@ -840,11 +772,7 @@ def train(args: argparse.Namespace, data, strategy=None) -> dict:
                             batches_per_pass=plan.batches_per_pass * plan.accumulation,
                             seed=stream_seed(args.seed, "host"),
                             first_step=epochs_done * plan.fit_steps_per_epoch)
-    if args.distribute == "multi-worker":  # each worker keeps its share of every global batch
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA)
-        dataset = dataset.with_options(options)
+    dataset = shard_batches(dataset, args.distribute)
     # Traces of the training step: one at the first execution, and none after if
     # pattern updates never re-trace (counted before evaluate traces its own).
     traced = {}
@@ -856,23 +784,10 @@ def train(args: argparse.Namespace, data, strategy=None) -> dict:
         if trains:
             epochs, steps = ((1, plan.fit_steps_per_segment) if args.single_train_step_only
                              else (args.epochs, plan.fit_steps_per_epoch))
-            try:
+            with fit_errors(args.distribute, resumes_with="--backup-dir"):
                 model.fit(dataset, initial_epoch=0 if args.single_train_step_only else epochs_done,
                           epochs=epochs, steps_per_epoch=steps, verbose=0, shuffle=False,
                           callbacks=[*callbacks, count_traces])
-            except rigl.NonFiniteGradientError as e:
-                raise TrainingError(str(e)) from None
-            except distribute.PatternMismatchError as e:
-                raise TrainingError(str(e)) from None
-            except tf.errors.OpError as e:
-                if args.distribute != "multi-worker":
-                    raise
-                # A peer that died or hung aborts the collectives on every other worker.
-                lines = [line.strip() for line in e.message.splitlines() if line.strip()]
-                cause = next((line for line in lines if "aborted by:" in line), lines[0])
-                raise TrainingError(f"the cluster failed ({cause.split('aborted by: ')[-1]}); "
-                                    "start every worker again (with --backup-dir the run "
-                                    "resumes)") from None
             if sparse and "first" in traced:
                 results["traces"] = 1 + sum(layer.traces for layer in sparse) - traced["first"]
             if args.single_train_step_only:
@@ -898,21 +813,6 @@ def train(args: argparse.Namespace, data, strategy=None) -> dict:
     return results
 
 
-def make_strategy(args: argparse.Namespace):
-    """--distribute's strategy, made before anything initialises TensorFlow's devices."""
-    from ipu_sparse_ops import distribute
-
-    try:
-        strategy = distribute.make_strategy(args.distribute, replicas=args.replicas,
-                                            timeout_seconds=args.peer_timeout)
-    except (ValueError, RuntimeError) as e:
-        raise UsageError(f"--distribute {args.distribute}: {e}") from None
-    if strategy.num_replicas_in_sync > 1:
-        logger.info("--distribute %s: %d replicas, global batch %d", args.distribute,
-                    strategy.num_replicas_in_sync, args.batch_size)
-    return strategy
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Progress goes to stdout: stderr is kept for the one line that explains a failure.
@@ -921,7 +821,7 @@ def main(argv=None) -> int:
     if args.ipu_only_given:
         logger.info("ignored on the CPU (IPU only): %s", ", ".join(args.ipu_only_given))
     try:
-        strategy = make_strategy(args)
+        strategy = make_strategy(args, logger)
         data = load_mnist(args.data_dir)
         results = train(args, data, strategy)
     except (UsageError, TrainingError, MnistError, OSError) as e:
