@@ -13,7 +13,13 @@ runs on 2 intra-op threads everywhere. Ratios are best dense time / ours;
 GFLOP/s counts useful FLOPs only (2 x batch x non-zero elements), and "% peak"
 divides it by the machine's FMA peak measured by bench/fma_peak.cc.
 
+After the op table come MNIST end to end (sparse_mnist.py's samples/s, sparse
+against dense layers) and data-parallel scaling (the same script on 1 and 2
+local workers of one thread each, MultiWorkerMirroredStrategy over gRPC on
+127.0.0.1, at the same global batch).
+
     PYTHONPATH=. python bench/benchmark.py [--quick] [--fp16] [--repeats N]
+                                           [--sections ops mnist scaling]
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ MAX_CALLS_PER_RUN = 32
 # (about 0.3 ms here) is a small share of each small op's time.
 MAX_OPS_PER_LOOP = 256
 MODES = ("call", "loop")
+SECTIONS = ("ops", "mnist", "scaling")
 REPO = Path(__file__).resolve().parents[1]
 FMA_PEAK = REPO / "build" / "fma_peak"
 
@@ -321,6 +328,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         metavar="BxIxO:D:BS",
                         help="time only this case (repeatable), e.g. 16x784x320:0.1:1; "
                              "skips the end-to-end runs")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None,
+                        help="what to run (default: all; with --quick: ops mnist)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds per row (default 7, 3 with --quick)")
     parser.add_argument("--dense-worker", action="store_true", help=argparse.SUPPRESS)
@@ -328,6 +337,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
+    if args.sections is None:
+        args.sections = ["ops", "mnist"] if args.quick or args.case else list(SECTIONS)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
@@ -350,19 +361,27 @@ def main(argv: Sequence[str]) -> int:
           f"dense gradient's time (pooled SUM for bs > 1) over the best dW; x tf.sp = "
           f"tf.sparse.sparse_dense_matmul time / our fwd; GF = useful GFLOP/s; %pk = share "
           f"of the FMA peak.")
+    if "ops" in args.sections:
+        op_table(args.case or cases(args.quick), dtype, args.repeats, peak)
+    if "mnist" in args.sections and not args.case:
+        print()
+        mnist_end_to_end(epochs=1 if args.quick else 2)
+    if "scaling" in args.sections and not args.case:
+        print()
+        data_parallel_scaling(epochs=1)
+    return 0
+
+
+def op_table(table_cases: Sequence[Case], dtype: str, repeats: int, peak: float | None) -> None:
     children = [DenseChild(onednn, dtype) for onednn in ONEDNN_SETTINGS]
     try:
         print_row([header for header, _, _ in COLUMNS])
-        for seed, case in enumerate(args.case or cases(args.quick)):
+        for seed, case in enumerate(table_cases):
             for mode in MODES:
-                print_row(benchmark_case(case, mode, seed, dtype, children, args.repeats, peak))
+                print_row(benchmark_case(case, mode, seed, dtype, children, repeats, peak))
     finally:
         for child in children:
             child.close()
-    if not args.case:
-        print()
-        mnist_end_to_end(epochs=1 if args.quick else 2)
-    return 0
 
 
 MNIST_CONFIGS = {  # name: sparse_mnist.py flags
@@ -395,6 +414,38 @@ def mnist_end_to_end(epochs: int) -> None:
             dense_rate = dense_rate or rate
             print(row(name, batch_size, f"{rate:.0f}", f"{rate / dense_rate:.2f}",
                       share.group(1) if share else "-"), flush=True)
+
+
+SCALING_WORKERS = (1, 2)
+
+
+def data_parallel_scaling(epochs: int) -> None:
+    """samples/s of sparse_mnist.py --distribute multi-worker on 1 and 2 local workers.
+
+    Each worker runs one TensorFlow thread, so 2 workers use the 2 cores one
+    process of 2 threads would; efficiency = rate / (workers x the 1-worker rate).
+    """
+    script = REPO / "mnist_rigl" / "sparse_mnist.py"
+    print(f"Data-parallel: mnist_rigl/sparse_mnist.py --densities 0.1 0.3 --distribute "
+          f"multi-worker, {epochs} epoch(s), seed 0, one thread per worker, same global batch")
+    row = "{:<8} {:>8} {:>10} {:>8} {:>10}".format
+    print(row("batch", "workers", "samples/s", "speed-up", "efficiency"))
+    for batch_size in MNIST_BATCH_SIZES:
+        single = None
+        for workers in SCALING_WORKERS:
+            with tempfile.TemporaryDirectory() as checkpoints:
+                out = subprocess.run(
+                    [sys.executable, "-m", "ipu_sparse_ops.tools.local_cluster", "--workers",
+                     str(workers), "--threads", "1", "--", sys.executable, str(script),
+                     "--densities", "0.1", "0.3", "--distribute", "multi-worker", "--seed", "0",
+                     "--epochs", str(epochs), "--batch-size", str(batch_size),
+                     "--log-level", "WARNING", "--checkpoint-path", checkpoints],
+                    capture_output=True, text=True, check=True).stdout
+            rate = float(re.search(r"^\[worker 0\] Throughput: (\d+) samples/s", out,
+                                   re.MULTILINE).group(1))
+            single = single or rate
+            print(row(batch_size, workers, f"{rate:.0f}", f"{rate / single:.2f}",
+                      f"{rate / (workers * single):.0%}"), flush=True)
 
 
 if __name__ == "__main__":
