@@ -61,6 +61,15 @@ def test_every_kernel_build(isa, block_size, batch):
     assert result.returncode == 0 and "Results match." in result.stdout, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("batch", [5, 150])
+def test_dense_element_wise_panels_every_kernel_build(isa, batch):
+    """Dense enough that the forward sweeps many L1-sized row panels per column."""
+    result = run_tool("--pattern", "random", "--batch-size", str(batch), "--input-size", "1100",
+                      "--output-size", "96", "--density", "0.5", isa=isa)
+    assert result.returncode == 0 and "Results match." in result.stdout, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("pattern", sparse_matmul.PATTERNS)
 def test_largest_sizes(pattern):
     blocks = pattern in ("fixed", "random_orthogonal")  # element-wise orthogonal is square

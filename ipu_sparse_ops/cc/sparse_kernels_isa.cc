@@ -5,7 +5,8 @@
 // a chunk is a contiguous run and a block's rows follow each other.
 // - Forward (and, on W^T, the input gradient): each output column keeps
 //   ColumnTile x nv accumulators in registers while its non-zero blocks stream
-//   past; the input rows are visited in L2-sized panels.
+//   past; the input rows are visited in panels that stay in L2 (blocks) or L1
+//   (element-wise).
 // - Grad-values (SDDMM): one chunk as wide as the batch, so each dot product
 //   reads two contiguous rows; tiles of rows share every load.
 #include <algorithm>
@@ -262,6 +263,22 @@ int ChooseNv(int64_t batch, int column_tile) {
 // while every column of a work item takes its non-zeros from it (random rows
 // of a larger x would come from L3, which the cores share).
 constexpr int64_t kPanelBytes = 256 * 1024;
+// An element-wise non-zero does nv FMAs on the nv Vecs of x it loads (a block
+// reuses each row BS times), so from L2 the loads bound it. Where the pattern
+// is dense enough, chunks of at most kL1PanelMaxNv Vecs and panels that stay
+// in L1 feed the FMAs; a sparser one would leave each column so few non-zeros
+// per panel that loading and storing its accumulators would cost more.
+constexpr int64_t kL1PanelBytes = 32 * 1024;
+constexpr int kL1PanelMaxNv = 8;
+constexpr double kL1PanelMinNonZeros = 16;  // per column and panel
+
+bool UseL1Panels(const BlockPattern& pattern, int nv) {
+  if (pattern.block_size != 1 || pattern.input_blocks == 0) return false;
+  const int64_t rows = kL1PanelBytes / (std::min(nv, kL1PanelMaxNv) * sizeof(Vec));
+  const double density =
+      double(pattern.num_blocks()) / pattern.output_blocks / pattern.input_blocks;
+  return density * std::min(rows, pattern.input_blocks) >= kL1PanelMinNonZeros;
+}
 // Output columns that sweep the panels together; their cursors live on the stack.
 constexpr int64_t kColumnGroup = 128;
 
@@ -317,28 +334,28 @@ inline void AccumulateColumn(const int32_t* row_indices, const float* values,
 }
 
 // y[columns j0..j1) of one chunk; block k of W is values[k] (row-major). The
-// input rows are swept in L2-sized panels; a cursor per column remembers where
-// its next panel starts (rows increase within a column), and partial sums wait
-// in y between panels.
+// input rows are swept in panels of panel_rows; a cursor per column remembers where
+// its next panel starts (rows increase within a column; a short linear scan
+// finds the panel's end), and partial sums wait in y between panels.
 template <int BS, int NV>
 void MatmulColumns(const BlockPattern& pattern, const float* values,
-                   const Vec* x, Vec* y, int64_t j0, int64_t j1) {
+                   const Vec* x, Vec* y, int64_t j0, int64_t j1, int64_t panel_rows) {
   constexpr int TC = ColumnTile(BS);
-  constexpr int64_t kPanelRows = std::max<int64_t>(1, kPanelBytes / (BS * NV * sizeof(Vec)));
   const int32_t* row_indices = pattern.row_indices;
   for (int64_t g0 = j0; g0 < j1; g0 += kColumnGroup) {
     const int64_t g1 = std::min(j1, g0 + kColumnGroup);
     int32_t cursor[kColumnGroup];
     for (int64_t j = g0; j < g1; ++j) cursor[j - g0] = pattern.col_offsets[j];
-    for (int64_t p0 = 0; p0 < pattern.input_blocks; p0 += kPanelRows) {
+    for (int64_t p0 = 0; p0 < pattern.input_blocks; p0 += panel_rows) {
       const bool first = p0 == 0;
-      const int64_t p1 = p0 + kPanelRows;
+      const int64_t p1 = p0 + panel_rows;
       for (int64_t j = g0; j < g1; ++j) {
         const int32_t k_begin = cursor[j - g0];
         int32_t k_end = pattern.col_offsets[j + 1];
         if (p1 < pattern.input_blocks) {
-          k_end = static_cast<int32_t>(
-              std::lower_bound(row_indices + k_begin, row_indices + k_end, p1) - row_indices);
+          int32_t k = k_begin;
+          while (k < k_end && row_indices[k] < p1) ++k;
+          k_end = k;
         }
         cursor[j - g0] = k_end;
         if (k_begin == k_end && !first) continue;
@@ -362,9 +379,10 @@ void MatmulColumns(const BlockPattern& pattern, const float* values,
 
 template <int BS, int NV>
 void MatmulTiled(const BlockPattern& pattern, const float* values,
-                 const float* lhs, int64_t batch, float* out,
+                 const float* lhs, int64_t batch, float* out, int64_t panel_bytes,
                  const ParallelFor& parallel_for) {
   const int64_t out_blocks = pattern.output_blocks;
+  const int64_t panel_rows = std::max<int64_t>(1, panel_bytes / (BS * NV * sizeof(Vec)));
   Packed x(Operand::kFirst, batch, pattern.input_blocks * BS, NV);
   Packed y(Operand::kSecond, batch, out_blocks * BS, NV);
   x.Pack(lhs, batch, parallel_for);
@@ -375,7 +393,7 @@ void MatmulTiled(const BlockPattern& pattern, const float* values,
       const int64_t c = u / out_blocks;
       const int64_t j0 = u % out_blocks;
       const int64_t j1 = std::min(out_blocks, j0 + (end - u));
-      MatmulColumns<BS, NV>(pattern, values, x.chunk(c), y.chunk(c), j0, j1);
+      MatmulColumns<BS, NV>(pattern, values, x.chunk(c), y.chunk(c), j0, j1, panel_rows);
       u += j1 - j0;
     }
   });
@@ -385,11 +403,11 @@ void MatmulTiled(const BlockPattern& pattern, const float* values,
 // Runs MatmulTiled<BS, kNv> if nv == kNv and that many Vecs fit the registers.
 template <int BS, int kNv>
 bool MatmulIfNv(int nv, const BlockPattern& pattern, const float* values,
-                const float* lhs, int64_t batch, float* out,
+                const float* lhs, int64_t batch, float* out, int64_t panel_bytes,
                 const ParallelFor& parallel_for) {
   if constexpr (kNv * ColumnTile(BS) <= kMaxAccumulators) {
     if (nv == kNv) {
-      MatmulTiled<BS, kNv>(pattern, values, lhs, batch, out, parallel_for);
+      MatmulTiled<BS, kNv>(pattern, values, lhs, batch, out, panel_bytes, parallel_for);
       return true;
     }
   }
@@ -401,14 +419,19 @@ void MatmulForBlockSize(const BlockPattern& pattern, const float* values,
                         const float* lhs, int64_t batch, float* out,
                         const ParallelFor& parallel_for) {
   constexpr int kMaxNv = kMaxAccumulators / ColumnTile(BS);
-  const int nv = ChooseNv(batch, ColumnTile(BS));
+  int nv = ChooseNv(batch, ColumnTile(BS));
+  int64_t panel_bytes = kPanelBytes;
+  if (UseL1Panels(pattern, nv)) {
+    nv = std::min(nv, kL1PanelMaxNv);
+    panel_bytes = kL1PanelBytes;
+  }
   // The same candidates as ChooseNv: kNvCandidates, then kMaxNv.
-  MatmulIfNv<BS, 1>(nv, pattern, values, lhs, batch, out, parallel_for) ||
-      MatmulIfNv<BS, 2>(nv, pattern, values, lhs, batch, out, parallel_for) ||
-      MatmulIfNv<BS, 4>(nv, pattern, values, lhs, batch, out, parallel_for) ||
-      MatmulIfNv<BS, 8>(nv, pattern, values, lhs, batch, out, parallel_for) ||
-      MatmulIfNv<BS, 16>(nv, pattern, values, lhs, batch, out, parallel_for) ||
-      MatmulIfNv<BS, kMaxNv>(nv, pattern, values, lhs, batch, out, parallel_for);
+  MatmulIfNv<BS, 1>(nv, pattern, values, lhs, batch, out, panel_bytes, parallel_for) ||
+      MatmulIfNv<BS, 2>(nv, pattern, values, lhs, batch, out, panel_bytes, parallel_for) ||
+      MatmulIfNv<BS, 4>(nv, pattern, values, lhs, batch, out, panel_bytes, parallel_for) ||
+      MatmulIfNv<BS, 8>(nv, pattern, values, lhs, batch, out, panel_bytes, parallel_for) ||
+      MatmulIfNv<BS, 16>(nv, pattern, values, lhs, batch, out, panel_bytes, parallel_for) ||
+      MatmulIfNv<BS, kMaxNv>(nv, pattern, values, lhs, batch, out, panel_bytes, parallel_for);
 }
 
 void Matmul(const BlockPattern& pattern, const float* values, const float* lhs,
@@ -528,53 +551,86 @@ constexpr int kDotGroup = kMaxAccumulators >= 16 ? 16 : 8;
 constexpr int kDotTileRows = kMaxAccumulators >= 16 ? 4 : 2;
 constexpr int kDotTileCols = 4;
 
+// grad_values[k] = x row . dy_row for the element-wise non-zeros k in
+// [k_begin, k_end) of one column, kDotGroup of them sharing each load of dy.
+inline void DotColumn(const int32_t* row_indices, const Vec* x, const Vec* dy_row,
+                      int64_t nv, int32_t k_begin, int32_t k_end, float* grad_values) {
+  const Vec* const dy_rows[1] = {dy_row};
+  for (int32_t k = k_begin; k < k_end; k += kDotGroup) {
+    // A short last group repeats its last row rather than branch per row.
+    const int n = std::min<int32_t>(kDotGroup, k_end - k);
+    const Vec* x_rows[kDotGroup];
+    for (int e = 0; e < kDotGroup; ++e) {
+      x_rows[e] = x + int64_t{row_indices[k + std::min(e, n - 1)]} * nv;
+    }
+    Vec acc[kDotGroup][1] = {};
+    DotTile<kDotGroup, 1>(x_rows, dy_rows, nv, acc);
+    const auto& sums = reinterpret_cast<const Vec(&)[kDotGroup]>(acc);
+    if (n == kDotGroup) {
+      HorizontalSums(sums, grad_values + k);
+    } else {
+      float dots[kDotGroup];
+      HorizontalSums(sums, dots);
+      std::copy(dots, dots + n, grad_values + k);
+    }
+  }
+}
+
+// The element-wise SDDMM of columns [j0, j1): each non-zero reads a random row
+// of x, so the rows are swept in L2-sized panels (a column group's dy rows are
+// read again per panel, far less than x's rows would come from L3).
+void GradValuesElementwise(const BlockPattern& pattern, const Vec* x, const Vec* dy,
+                           int64_t nv, float* grad_values, int64_t j0, int64_t j1) {
+  const int32_t* row_indices = pattern.row_indices;
+  const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (nv * sizeof(Vec)));
+  for (int64_t g0 = j0; g0 < j1; g0 += kColumnGroup) {
+    const int64_t g1 = std::min(j1, g0 + kColumnGroup);
+    int32_t cursor[kColumnGroup];
+    for (int64_t j = g0; j < g1; ++j) cursor[j - g0] = pattern.col_offsets[j];
+    for (int64_t p0 = 0; p0 < pattern.input_blocks; p0 += panel_rows) {
+      const int64_t p1 = p0 + panel_rows;
+      for (int64_t j = g0; j < g1; ++j) {
+        const int32_t k_begin = cursor[j - g0];
+        int32_t k_end = pattern.col_offsets[j + 1];
+        if (p1 < pattern.input_blocks) {
+          int32_t k = k_begin;
+          while (k < k_end && row_indices[k] < p1) ++k;
+          k_end = k;
+        }
+        cursor[j - g0] = k_end;
+        DotColumn(row_indices, x, dy + j * nv, nv, k_begin, k_end, grad_values);
+      }
+    }
+  }
+}
+
 // grad_values for the blocks of columns [j0, j1). x and dy are packed as one
 // chunk of nv Vecs per row, so every dot product streams contiguous memory.
 template <int BS>
 void GradValuesColumns(const BlockPattern& pattern, const Vec* x, const Vec* dy,
                        int64_t nv, float* grad_values, int64_t j0, int64_t j1) {
+  if constexpr (BS == 1) {
+    GradValuesElementwise(pattern, x, dy, nv, grad_values, j0, j1);
+    return;
+  }
   for (int64_t j = j0; j < j1; ++j) {
-    const int32_t k_begin = pattern.col_offsets[j];
-    const int32_t k_end = pattern.col_offsets[j + 1];
-    if constexpr (BS == 1) {
-      const Vec* const dy_row[1] = {dy + j * nv};
-      for (int32_t k = k_begin; k < k_end; k += kDotGroup) {
-        // A short last group repeats its last row rather than branch per row.
-        const int n = std::min<int32_t>(kDotGroup, k_end - k);
-        const Vec* x_rows[kDotGroup];
-        for (int e = 0; e < kDotGroup; ++e) {
-          x_rows[e] = x + int64_t{pattern.row_indices[k + std::min(e, n - 1)]} * nv;
-        }
-        Vec acc[kDotGroup][1] = {};
-        DotTile<kDotGroup, 1>(x_rows, dy_row, nv, acc);
-        const auto& sums = reinterpret_cast<const Vec(&)[kDotGroup]>(acc);
-        if (n == kDotGroup) {
-          HorizontalSums(sums, grad_values + k);
-        } else {
-          float dots[kDotGroup];
-          HorizontalSums(sums, dots);
-          std::copy(dots, dots + n, grad_values + k);
-        }
-      }
-    } else {
-      for (int32_t k = k_begin; k < k_end; ++k) {
-        const Vec* x_block = x + int64_t{pattern.row_indices[k]} * BS * nv;
-        const Vec* dy_block = dy + j * BS * nv;
-        float* g = grad_values + int64_t{k} * BS * BS;
-        for (int r0 = 0; r0 < BS; r0 += kDotTileRows) {
-          const Vec* x_rows[kDotTileRows];
-          for (int r = 0; r < kDotTileRows; ++r) x_rows[r] = x_block + (r0 + r) * nv;
-          for (int c0 = 0; c0 < BS; c0 += kDotTileCols) {
-            const Vec* dy_rows[kDotTileCols];
-            for (int c = 0; c < kDotTileCols; ++c) dy_rows[c] = dy_block + (c0 + c) * nv;
-            Vec acc[kDotTileRows][kDotTileCols] = {};
-            DotTile<kDotTileRows, kDotTileCols>(x_rows, dy_rows, nv, acc);
-            float dots[kDotTileRows * kDotTileCols];
-            HorizontalSums(reinterpret_cast<const Vec(&)[kDotTileRows * kDotTileCols]>(acc), dots);
-            for (int r = 0; r < kDotTileRows; ++r)
-              for (int c = 0; c < kDotTileCols; ++c)
-                g[(r0 + r) * BS + c0 + c] = dots[r * kDotTileCols + c];
-          }
+    for (int32_t k = pattern.col_offsets[j]; k < pattern.col_offsets[j + 1]; ++k) {
+      const Vec* x_block = x + int64_t{pattern.row_indices[k]} * BS * nv;
+      const Vec* dy_block = dy + j * BS * nv;
+      float* g = grad_values + int64_t{k} * BS * BS;
+      for (int r0 = 0; r0 < BS; r0 += kDotTileRows) {
+        const Vec* x_rows[kDotTileRows];
+        for (int r = 0; r < kDotTileRows; ++r) x_rows[r] = x_block + (r0 + r) * nv;
+        for (int c0 = 0; c0 < BS; c0 += kDotTileCols) {
+          const Vec* dy_rows[kDotTileCols];
+          for (int c = 0; c < kDotTileCols; ++c) dy_rows[c] = dy_block + (c0 + c) * nv;
+          Vec acc[kDotTileRows][kDotTileCols] = {};
+          DotTile<kDotTileRows, kDotTileCols>(x_rows, dy_rows, nv, acc);
+          float dots[kDotTileRows * kDotTileCols];
+          HorizontalSums(reinterpret_cast<const Vec(&)[kDotTileRows * kDotTileCols]>(acc), dots);
+          for (int r = 0; r < kDotTileRows; ++r)
+            for (int c = 0; c < kDotTileCols; ++c)
+              g[(r0 + r) * BS + c0 + c] = dots[r * kDotTileCols + c];
         }
       }
     }
