@@ -190,7 +190,7 @@ def test_ignored_flags_change_nothing_and_are_logged(mnist, tmp_path, capsys):
 
 
 def test_default_checkpoint_folder_is_a_new_temporary_one(mnist, monkeypatch, capsys):
-    monkeypatch.setattr(script, "train", lambda args, x, y, seed: (
+    monkeypatch.setattr(script, "train", lambda args, x, y, seed, strategy: (
         script.build_model(args, seed), {"samples": 0}))
     assert script.main(TINY + ["--mode", "train", "--log-level", "INFO"]) == 0
     saved = Path(capsys.readouterr().out.split("saved the trained model to ")[1].split()[0])
