@@ -282,6 +282,36 @@ bool UseL1Panels(const BlockPattern& pattern, int nv) {
 // Output columns that sweep the panels together; their cursors live on the stack.
 constexpr int64_t kColumnGroup = 128;
 
+// Calls visit(j, k_begin, k_end, first_panel) for the non-zeros [k_begin, k_end)
+// of each column j in [j0, j1) that fall in each panel of panel_rows input
+// rows, panel by panel for kColumnGroup columns at a time. A cursor per column
+// remembers where its next panel starts (rows increase within a column), and a
+// short linear scan finds where the panel ends.
+template <typename Visit>
+inline void SweepPanels(const BlockPattern& pattern, int64_t j0, int64_t j1,
+                        int64_t panel_rows, Visit&& visit) {
+  const int32_t* row_indices = pattern.row_indices;
+  for (int64_t g0 = j0; g0 < j1; g0 += kColumnGroup) {
+    const int64_t g1 = std::min(j1, g0 + kColumnGroup);
+    int32_t cursor[kColumnGroup];
+    for (int64_t j = g0; j < g1; ++j) cursor[j - g0] = pattern.col_offsets[j];
+    for (int64_t p0 = 0; p0 < pattern.input_blocks; p0 += panel_rows) {
+      const int64_t p1 = p0 + panel_rows;
+      for (int64_t j = g0; j < g1; ++j) {
+        const int32_t k_begin = cursor[j - g0];
+        int32_t k_end = pattern.col_offsets[j + 1];
+        if (p1 < pattern.input_blocks) {
+          int32_t k = k_begin;
+          while (k < k_end && row_indices[k] < p1) ++k;
+          k_end = k;
+        }
+        cursor[j - g0] = k_end;
+        visit(j, k_begin, k_end, p0 == 0);
+      }
+    }
+  }
+}
+
 // acc += block w (row-major) times x's BS rows, on TC of its columns from c0.
 template <int BS, int NV, int TC>
 inline void AccumulateBlock(const Vec* xr, const float* w, int c0, Vec (&acc)[TC][NV]) {
@@ -334,47 +364,29 @@ inline void AccumulateColumn(const int32_t* row_indices, const float* values,
 }
 
 // y[columns j0..j1) of one chunk; block k of W is values[k] (row-major). The
-// input rows are swept in panels of panel_rows; a cursor per column remembers where
-// its next panel starts (rows increase within a column; a short linear scan
-// finds the panel's end), and partial sums wait in y between panels.
+// input rows are swept in panels of panel_rows; partial sums wait in y between
+// panels.
 template <int BS, int NV>
 void MatmulColumns(const BlockPattern& pattern, const float* values,
                    const Vec* x, Vec* y, int64_t j0, int64_t j1, int64_t panel_rows) {
   constexpr int TC = ColumnTile(BS);
-  const int32_t* row_indices = pattern.row_indices;
-  for (int64_t g0 = j0; g0 < j1; g0 += kColumnGroup) {
-    const int64_t g1 = std::min(j1, g0 + kColumnGroup);
-    int32_t cursor[kColumnGroup];
-    for (int64_t j = g0; j < g1; ++j) cursor[j - g0] = pattern.col_offsets[j];
-    for (int64_t p0 = 0; p0 < pattern.input_blocks; p0 += panel_rows) {
-      const bool first = p0 == 0;
-      const int64_t p1 = p0 + panel_rows;
-      for (int64_t j = g0; j < g1; ++j) {
-        const int32_t k_begin = cursor[j - g0];
-        int32_t k_end = pattern.col_offsets[j + 1];
-        if (p1 < pattern.input_blocks) {
-          int32_t k = k_begin;
-          while (k < k_end && row_indices[k] < p1) ++k;
-          k_end = k;
-        }
-        cursor[j - g0] = k_end;
-        if (k_begin == k_end && !first) continue;
-        for (int c0 = 0; c0 < BS; c0 += TC) {
-          Vec* yc = y + (j * BS + c0) * NV;
-          Vec acc[TC][NV];
+  SweepPanels(pattern, j0, j1, panel_rows,
+              [&](int64_t j, int32_t k_begin, int32_t k_end, bool first) {
+    if (k_begin == k_end && !first) return;
+    for (int c0 = 0; c0 < BS; c0 += TC) {
+      Vec* yc = y + (j * BS + c0) * NV;
+      Vec acc[TC][NV];
 #pragma GCC unroll 16
-          for (int c = 0; c < TC; ++c)
+      for (int c = 0; c < TC; ++c)
 #pragma GCC unroll 16
-            for (int v = 0; v < NV; ++v) acc[c][v] = first ? Vec{} : yc[c * NV + v];
-          AccumulateColumn<BS, NV, TC>(row_indices, values, x, c0, k_begin, k_end, acc);
+        for (int v = 0; v < NV; ++v) acc[c][v] = first ? Vec{} : yc[c * NV + v];
+      AccumulateColumn<BS, NV, TC>(pattern.row_indices, values, x, c0, k_begin, k_end, acc);
 #pragma GCC unroll 16
-          for (int c = 0; c < TC; ++c)
+      for (int c = 0; c < TC; ++c)
 #pragma GCC unroll 16
-            for (int v = 0; v < NV; ++v) yc[c * NV + v] = acc[c][v];
-        }
-      }
+        for (int v = 0; v < NV; ++v) yc[c * NV + v] = acc[c][v];
     }
-  }
+  });
 }
 
 template <int BS, int NV>
@@ -581,27 +593,11 @@ inline void DotColumn(const int32_t* row_indices, const Vec* x, const Vec* dy_ro
 // read again per panel, far less than x's rows would come from L3).
 void GradValuesElementwise(const BlockPattern& pattern, const Vec* x, const Vec* dy,
                            int64_t nv, float* grad_values, int64_t j0, int64_t j1) {
-  const int32_t* row_indices = pattern.row_indices;
   const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (nv * sizeof(Vec)));
-  for (int64_t g0 = j0; g0 < j1; g0 += kColumnGroup) {
-    const int64_t g1 = std::min(j1, g0 + kColumnGroup);
-    int32_t cursor[kColumnGroup];
-    for (int64_t j = g0; j < g1; ++j) cursor[j - g0] = pattern.col_offsets[j];
-    for (int64_t p0 = 0; p0 < pattern.input_blocks; p0 += panel_rows) {
-      const int64_t p1 = p0 + panel_rows;
-      for (int64_t j = g0; j < g1; ++j) {
-        const int32_t k_begin = cursor[j - g0];
-        int32_t k_end = pattern.col_offsets[j + 1];
-        if (p1 < pattern.input_blocks) {
-          int32_t k = k_begin;
-          while (k < k_end && row_indices[k] < p1) ++k;
-          k_end = k;
-        }
-        cursor[j - g0] = k_end;
-        DotColumn(row_indices, x, dy + j * nv, nv, k_begin, k_end, grad_values);
-      }
-    }
-  }
+  SweepPanels(pattern, j0, j1, panel_rows,
+              [&](int64_t j, int32_t k_begin, int32_t k_end, bool) {
+    DotColumn(pattern.row_indices, x, dy + j * nv, nv, k_begin, k_end, grad_values);
+  });
 }
 
 // grad_values for the blocks of columns [j0, j1). x and dy are packed as one
