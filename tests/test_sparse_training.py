@@ -9,7 +9,7 @@ import pytest
 from ipu_sparse_ops.sparse import Triplets
 from ipu_sparse_ops.sparse_training import (
     UpdateSchedule, constant_prune_count, cosine_options, cosine_prune_count, follow_pattern,
-    prune, prune_and_regrow, prune_schedule)
+    prune, prune_and_regrow, prune_schedule, smallest)
 
 
 def element_triplets():
@@ -89,12 +89,22 @@ def reference_update(rows, cols, values, k, grad):
     return kept, grown
 
 
-@pytest.mark.parametrize("block_size", [1, 4])
-@pytest.mark.parametrize("seed", range(5))
-def test_rigl_matches_brute_force_reference(block_size, seed):
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [0, 1, 7, 299, 300])
+def test_smallest_ranks_as_a_stable_sort(seed, k):
     rng = np.random.default_rng(seed)
-    shape = (7, 9)
-    nnz, k = 20, 8
+    keys = rng.integers(-4, 5, 300).astype(np.float64)  # many ties
+    if seed == 3:
+        keys[rng.choice(300, 5, replace=False)] = np.nan
+    expected = sorted(range(300), key=lambda i: (math.isnan(keys[i]), keys[i], i))[:k]
+    np.testing.assert_array_equal(smallest(keys, k), expected)
+
+
+@pytest.mark.parametrize("block_size, shape, nnz, k", [
+    (1, (7, 9), 20, 8), (4, (7, 9), 20, 8), (1, (30, 40), 300, 120)])
+@pytest.mark.parametrize("seed", range(5))
+def test_rigl_matches_brute_force_reference(block_size, shape, nnz, k, seed):
+    rng = np.random.default_rng(seed)
     flat = rng.choice(shape[0] * shape[1], nnz, replace=False)
     rows, cols = np.divmod(flat, shape[1])
     value_shape = (nnz,) if block_size == 1 else (nnz, block_size, block_size)
