@@ -238,3 +238,34 @@ def test_negative_row_is_caught_however_large_the_input(input_size):
         ops._ops.ipu_sparse_matmul_grad_input(tf.zeros((0, 3)), metainfo,
                                               np.ones((1, 1, 1), np.float32),
                                               input_size=input_size)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_grad_values_every_batch_width_every_kernel_build(isa):
+    """The element-wise grad-values kernel has one loop per batch width of up to 8 Vecs
+    (4 on AVX2 and generic) and a general one past that: batches 1-150 reach each, in a
+    child process per instruction set."""
+    script = textwrap.dedent("""
+        import numpy as np, tensorflow as tf
+        from ipu_sparse_ops import ops, sparse
+        rng = np.random.default_rng(7)
+        spec = sparse.MatmulSpec(90, 70, 1300)
+        for batch in [1, 4, 13, 16, 17, 31, 45, 61, 64, 77, 93, 109, 125, 128, 141, 150]:
+            trip = sparse.random_triplets(spec, int(rng.integers(1, 1301)), rng)
+            rep = sparse.representation_from_triplets(spec, trip)
+            x = rng.standard_normal((batch, 90)).astype(np.float32)
+            dy = rng.standard_normal((batch, 70)).astype(np.float32)
+            got = ops._ops.ipu_sparse_matmul_grad_values(x, dy, rep.metainfo, block_size=1).numpy()
+            got = sparse.triplets_from_representation(
+                spec, sparse.Representation(rep.metainfo, got)).values
+            back = sparse.triplets_from_representation(spec, rep)
+            terms = x[:, back.row_indices].astype(np.float64) * dy[:, back.col_indices]
+            error = np.abs(got - terms.sum(axis=0)) - 1e-6 * np.abs(terms).sum(axis=0)
+            print(batch, "ok" if np.all(error <= 0) else f"wrong by {error.max()}")
+    """)
+    env = {"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin", "IPU_SPARSE_OPS_ISA": isa}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.split("\n")[:-1]
+    assert len(lines) == 16 and all(line.endswith(" ok") for line in lines), result.stdout

@@ -119,7 +119,7 @@ inline Vec InBitReversedOrder(Vec v, std::index_sequence<I...>) {
 }
 
 template <int N>
-inline void HorizontalSums(const Vec (&acc)[N], float* out) {
+[[gnu::always_inline]] inline void HorizontalSums(const Vec (&acc)[N], float* out) {
   static_assert(N % kLanes == 0, "HorizontalSums takes whole groups of kLanes");
 #pragma GCC unroll 4
   for (int g = 0; g < N; g += kLanes) {
@@ -592,6 +592,14 @@ constexpr int kDotGroup = kMaxAccumulators >= 16 ? 16 : 8;
 constexpr int kDotTileRows = kMaxAccumulators >= 16 ? 4 : 2;
 constexpr int kDotTileCols = 4;
 
+// Stores the lane sums of acc[0, n) at out; the rest of acc is padding.
+[[gnu::always_inline]] inline void StoreDots(const Vec (&acc)[kDotGroup], int n, float* out) {
+  if (n == kDotGroup) return HorizontalSums(acc, out);
+  float dots[kDotGroup];
+  HorizontalSums(acc, dots);
+  std::copy(dots, dots + n, out);
+}
+
 // grad_values[k] = x row . dy_row for the element-wise non-zeros k in
 // [k_begin, k_end) of one column, kDotGroup of them sharing each load of dy.
 inline void DotColumn(const int32_t* row_indices, const Vec* x, const Vec* dy_row,
@@ -606,14 +614,49 @@ inline void DotColumn(const int32_t* row_indices, const Vec* x, const Vec* dy_ro
     }
     Vec acc[kDotGroup][1] = {};
     DotTile<kDotGroup, 1>(x_rows, dy_rows, nv, acc);
-    const auto& sums = reinterpret_cast<const Vec(&)[kDotGroup]>(acc);
-    if (n == kDotGroup) {
-      HorizontalSums(sums, grad_values + k);
-    } else {
-      float dots[kDotGroup];
-      HorizontalSums(sums, dots);
-      std::copy(dots, dots + n, grad_values + k);
+    StoreDots(reinterpret_cast<const Vec(&)[kDotGroup]>(acc), n, grad_values + k);
+  }
+}
+
+// DotColumn for rows of NV Vecs, few enough that the column's dy row stays in
+// registers: a non-zero then needs one x pointer, where DotColumn keeps
+// kDotGroup of them live, more than there are general-purpose registers (they
+// went through vector registers and back: 16x784x320 took 2.2x as long).
+template <int NV>
+[[gnu::always_inline]] inline void DotColumnNarrow(const int32_t* row_indices, const Vec* x,
+                                                   const Vec* dy_row, int32_t k_begin,
+                                                   int32_t k_end, float* grad_values) {
+  Vec dyv[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) dyv[v] = dy_row[v];
+  for (int32_t k = k_begin; k < k_end; k += kDotGroup) {
+    const int n = std::min<int32_t>(kDotGroup, k_end - k);
+    Vec acc[kDotGroup];
+#pragma GCC unroll 16
+    for (int e = 0; e < kDotGroup; ++e) {
+      const Vec* xr = x + int64_t{row_indices[k + std::min(e, n - 1)]} * NV;
+      acc[e] = xr[0] * dyv[0];
+#pragma GCC unroll 16
+      for (int v = 1; v < NV; ++v) acc[e] += xr[v] * dyv[v];
     }
+    StoreDots(acc, n, grad_values + k);
+  }
+}
+
+// The widest row (in Vecs) DotColumnNarrow keeps in registers beside
+// kDotGroup accumulators and one operand.
+constexpr int kDotMaxNarrowNv = kMaxAccumulators >= 16 ? 8 : 4;
+
+// DotColumnNarrow<nv> where nv <= W, else DotColumn.
+template <int W = kDotMaxNarrowNv>
+inline void DotColumnAnyNv(const int32_t* row_indices, const Vec* x, const Vec* dy_row,
+                           int64_t nv, int32_t k_begin, int32_t k_end, float* grad_values) {
+  if constexpr (W == 0) {
+    DotColumn(row_indices, x, dy_row, nv, k_begin, k_end, grad_values);
+  } else if (nv == W) {
+    DotColumnNarrow<W>(row_indices, x, dy_row, k_begin, k_end, grad_values);
+  } else {
+    DotColumnAnyNv<W - 1>(row_indices, x, dy_row, nv, k_begin, k_end, grad_values);
   }
 }
 
@@ -625,7 +668,7 @@ void GradValuesElementwise(const BlockPattern& pattern, const Vec* x, const Vec*
   const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (nv * sizeof(Vec)));
   SweepPanels(pattern, j0, j1, panel_rows,
               [&](int64_t j, int32_t k_begin, int32_t k_end, bool) {
-    DotColumn(pattern.row_indices, x, dy + j * nv, nv, k_begin, k_end, grad_values);
+    DotColumnAnyNv(pattern.row_indices, x, dy + j * nv, nv, k_begin, k_end, grad_values);
   });
 }
 
