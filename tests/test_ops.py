@@ -269,3 +269,27 @@ def test_grad_values_every_batch_width_every_kernel_build(isa):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.split("\n")[:-1]
     assert len(lines) == 16 and all(line.endswith(" ok") for line in lines), result.stdout
+
+
+@pytest.mark.parametrize("block_size, batch", [(1, 200), (4, 9)])
+def test_grad_input_after_pattern_changes_of_the_same_size(block_size, batch):
+    """The input gradient keeps W^T's pattern from call to call: patterns that differ
+    in one index, alternating, and more of them than it keeps, must each give their own
+    product."""
+    rng = np.random.default_rng(block_size)
+    spec = sparse.MatmulSpec(64, 48, 40, block_size)
+    base = sparse.random_triplets(spec, 40, rng)
+    patterns = []
+    for i in range(12):  # the same count: row i of connection 0 moved one step
+        rows = base.row_indices.copy()
+        free = sorted(set(range(spec.input_blocks)) - {r for r, c in zip(rows, base.col_indices)
+                                                       if c == base.col_indices[0]})
+        rows[0] = free[i % len(free)]
+        patterns.append(sparse.Triplets(rows, base.col_indices, base.values))
+    grad_out = rng.standard_normal((batch, 48)).astype(np.float32)
+    for i in [0, 1, 0, 1, *range(12), 0, 11]:
+        rep = sparse.representation_from_triplets(spec, patterns[i])
+        got = ops._ops.ipu_sparse_matmul_grad_input(grad_out, rep.metainfo, rep.nz_values,
+                                                    input_size=64).numpy()
+        want = grad_out.astype(np.float64) @ sparse.dense_from_triplets(spec, patterns[i]).T
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"pattern {i}")

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -31,24 +32,19 @@ const internal::IsaKernels& Kernels() {
   return *kernels;
 }
 
-// W^T in the forward kernel's form: for each input block i, the output blocks
-// holding a non-zero in block-row i (ascending), with their values copied in
-// that order and each block transposed. Copying once costs less than reading
-// the blocks in W's scattered order for every batch chunk. Each calling thread
-// keeps its copy's storage for the next call: fresh pages would cost their
-// faults every time.
-struct TransposedWeights {
+// W^T's pattern in the forward kernel's form: for each input block i, the
+// output blocks holding a non-zero in block-row i (ascending), and for each
+// slot the slot of W whose block, transposed, goes there.
+struct TransposedPattern {
+  std::vector<int32_t> key;  // W's sizes and metainfo: what it was built from
   std::vector<int32_t> col_offsets;
   std::vector<int32_t> row_indices;
-  std::vector<float> values;
-};
+  std::vector<int32_t> source;
 
-// The calling thread's TransposedWeights. Bound to a reference there, so the
-// worker threads of a ParallelFor reach the caller's copy, not their own.
-TransposedWeights& KeptTransposedWeights() {
-  thread_local TransposedWeights kept;
-  return kept;
-}
+  int64_t bytes() const {
+    return int64_t(key.size() + col_offsets.size() + row_indices.size() + source.size()) * 4;
+  }
+};
 
 // Output-column ranges counted and scattered independently: enough to keep
 // every thread busy, few enough that their per-row counters stay small.
@@ -57,15 +53,14 @@ constexpr int64_t kTransposeParts = 16;
 // A counting sort by input block, parallel over output-column ranges: each
 // range counts its rows, a prefix sum over (row, range) gives every range its
 // own slots, and each range scatters in column order (keeping rows ascending).
-const TransposedWeights& Transpose(const BlockPattern& pattern, const float* values,
-                                   const ParallelFor& parallel_for) {
+void BuildTransposed(const BlockPattern& pattern, const ParallelFor& parallel_for,
+                     TransposedPattern* t) {
   const int64_t rows = pattern.input_blocks;
-  const int64_t bs = pattern.block_size;
   const int64_t nnz = pattern.num_blocks();
   const int64_t parts = std::min(kTransposeParts, pattern.output_blocks);
   std::vector<int64_t> part_begin(parts + 1);  // first output block of each range
   for (int64_t q = 0; q <= parts; ++q) part_begin[q] = pattern.output_blocks * q / parts;
-  const int64_t cost_per_part = (nnz / parts + 1) * (bs * bs * 2 + 4);
+  const int64_t cost_per_part = (nnz / parts + 1) * 8;
 
   std::vector<int32_t> slots(parts * rows, 0);  // counts, then first slots
   parallel_for(parts, cost_per_part, [&](int64_t begin, int64_t end) {
@@ -79,12 +74,11 @@ const TransposedWeights& Transpose(const BlockPattern& pattern, const float* val
   });
   // Exclusive prefix sum over (row, range), in two sequential sweeps of the
   // [range][row] counts (a sweep down each row would miss the cache at each step).
-  TransposedWeights& t = KeptTransposedWeights();
-  t.col_offsets.assign(rows + 1, 0);
+  t->col_offsets.assign(rows + 1, 0);
   for (int64_t q = 0; q < parts; ++q)
-    for (int64_t i = 0; i < rows; ++i) t.col_offsets[i + 1] += slots[q * rows + i];
-  for (int64_t i = 0; i < rows; ++i) t.col_offsets[i + 1] += t.col_offsets[i];
-  std::vector<int32_t> next(t.col_offsets.begin(), t.col_offsets.end() - 1);
+    for (int64_t i = 0; i < rows; ++i) t->col_offsets[i + 1] += slots[q * rows + i];
+  for (int64_t i = 0; i < rows; ++i) t->col_offsets[i + 1] += t->col_offsets[i];
+  std::vector<int32_t> next(t->col_offsets.begin(), t->col_offsets.end() - 1);
   for (int64_t q = 0; q < parts; ++q) {
     for (int64_t i = 0; i < rows; ++i) {
       const int32_t count = slots[q * rows + i];
@@ -92,28 +86,97 @@ const TransposedWeights& Transpose(const BlockPattern& pattern, const float* val
       next[i] += count;
     }
   }
-  t.row_indices.resize(nnz);
-  t.values.resize(nnz * bs * bs);
+  t->row_indices.resize(nnz);
+  t->source.resize(nnz);
   parallel_for(parts, cost_per_part, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       int32_t* cursor = slots.data() + q * rows;
       for (int64_t j = part_begin[q]; j < part_begin[q + 1]; ++j) {
         for (int32_t k = pattern.col_offsets[j]; k < pattern.col_offsets[j + 1]; ++k) {
           const int32_t slot = cursor[pattern.row_indices[k]]++;
-          t.row_indices[slot] = static_cast<int32_t>(j);
-          const float* block = values + int64_t{k} * bs * bs;
-          float* transposed = t.values.data() + int64_t{slot} * bs * bs;
-          if (bs == 1) {  // most patterns: keep the general loop out of their way
-            *transposed = *block;
-            continue;
-          }
-          for (int64_t r = 0; r < bs; ++r)
-            for (int64_t c = 0; c < bs; ++c) transposed[c * bs + r] = block[r * bs + c];
+          t->row_indices[slot] = static_cast<int32_t>(j);
+          t->source[slot] = k;
         }
       }
     }
   });
-  return t;
+}
+
+// The key of a pattern: its sizes, then its metainfo up to the last used slot.
+void PatternKey(const BlockPattern& pattern, std::vector<int32_t>* key) {
+  const int32_t sizes[] = {static_cast<int32_t>(pattern.input_blocks),
+                           static_cast<int32_t>(pattern.output_blocks),
+                           static_cast<int32_t>(pattern.block_size)};
+  key->assign(sizes, sizes + 3);
+  key->insert(key->end(), pattern.col_offsets, pattern.col_offsets + pattern.output_blocks + 1);
+  key->insert(key->end(), pattern.row_indices, pattern.row_indices + pattern.num_blocks());
+}
+
+bool HasKey(const TransposedPattern& t, const BlockPattern& pattern) {
+  const int64_t columns = pattern.output_blocks + 1;
+  const int64_t nnz = pattern.num_blocks();
+  return int64_t(t.key.size()) == 3 + columns + nnz && t.key[0] == pattern.input_blocks &&
+         t.key[1] == pattern.output_blocks && t.key[2] == pattern.block_size &&
+         std::equal(pattern.col_offsets, pattern.col_offsets + columns, t.key.begin() + 3) &&
+         std::equal(pattern.row_indices, pattern.row_indices + nnz, t.key.begin() + 3 + columns);
+}
+
+// The transposed patterns this thread built, most recently used first. A
+// pattern lives for many steps between Rig-L updates, so the input gradient
+// builds W^T's pattern once per pattern, not per call; the lookup compares
+// the whole metainfo (a few MB at most, read once), so a hit is exact.
+// Per thread, so no locks: TensorFlow runs an op on whichever inter-op thread
+// is free, and each thread then builds its own copy once.
+constexpr size_t kKeptPatterns = 8;
+constexpr int64_t kKeptPatternBytes = int64_t{256} << 20;  // per thread
+
+const TransposedPattern& KeptTransposedPattern(const BlockPattern& pattern,
+                                               const ParallelFor& parallel_for) {
+  thread_local std::vector<std::unique_ptr<TransposedPattern>> kept;
+  for (size_t i = 0; i < kept.size(); ++i) {
+    if (HasKey(*kept[i], pattern)) {
+      std::rotate(kept.begin(), kept.begin() + i, kept.begin() + i + 1);
+      return *kept.front();
+    }
+  }
+  auto t = std::make_unique<TransposedPattern>();
+  PatternKey(pattern, &t->key);
+  BuildTransposed(pattern, parallel_for, t.get());
+  kept.insert(kept.begin(), std::move(t));
+  int64_t bytes = 0;
+  for (size_t i = 0; i < kept.size(); ++i) {
+    bytes += kept[i]->bytes();
+    if (i > 0 && (i >= kKeptPatterns || bytes > kKeptPatternBytes)) {
+      kept.resize(i);
+      break;
+    }
+  }
+  return *kept.front();
+}
+
+// W^T's values in the transposed pattern's slot order, each block transposed,
+// in storage the calling thread keeps from one call to the next (fresh pages
+// would cost their faults every time).
+const float* TransposedValues(const TransposedPattern& t, const float* values,
+                              int64_t block_size, const ParallelFor& parallel_for) {
+  thread_local std::vector<float> kept;
+  const int64_t nnz = t.source.size();
+  const int64_t bs = block_size;
+  kept.resize(nnz * bs * bs);
+  float* out = kept.data();
+  parallel_for(nnz, bs * bs * 4 + 8, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const float* block = values + int64_t{t.source[s]} * bs * bs;
+      float* transposed = out + s * bs * bs;
+      if (bs == 1) {  // most patterns: keep the general loop out of their way
+        *transposed = *block;
+        continue;
+      }
+      for (int64_t r = 0; r < bs; ++r)
+        for (int64_t c = 0; c < bs; ++c) transposed[c * bs + r] = block[r * bs + c];
+    }
+  });
+  return out;
 }
 
 }  // namespace
@@ -132,11 +195,12 @@ void SparseMatmulGradInput(const BlockPattern& pattern, const float* values,
   if (Kernels().grad_input_scatter(pattern, values, grad_out, batch, grad_lhs, parallel_for)) {
     return;
   }
-  const TransposedWeights& t = Transpose(pattern, values, parallel_for);
+  const TransposedPattern& t = KeptTransposedPattern(pattern, parallel_for);
   const BlockPattern transposed = {pattern.output_blocks, pattern.input_blocks,
                                    pattern.block_size, t.col_offsets.data(),
                                    t.row_indices.data()};
-  Kernels().matmul(transposed, t.values.data(), grad_out, batch, grad_lhs, parallel_for);
+  Kernels().matmul(transposed, TransposedValues(t, values, pattern.block_size, parallel_for),
+                   grad_out, batch, grad_lhs, parallel_for);
 }
 
 void SparseMatmulGradValues(const BlockPattern& pattern, const float* lhs,

@@ -35,7 +35,9 @@ void SparseMatmul(const BlockPattern& pattern, const float* values,
                   const float* lhs, int64_t batch, float* out,
                   const ParallelFor& parallel_for);
 
-// grad_lhs[batch, input] = grad_out[batch, output] @ W^T.
+// grad_lhs[batch, input] = grad_out[batch, output] @ W^T. The calling thread
+// keeps W^T's pattern for the next call with the same pattern (a few of them,
+// compared index by index), so it is built once per pattern, not per step.
 void SparseMatmulGradInput(const BlockPattern& pattern, const float* values,
                            const float* grad_out, int64_t batch,
                            float* grad_lhs, const ParallelFor& parallel_for);
