@@ -15,8 +15,6 @@
 #include <utility>
 #include <vector>
 
-#include <unistd.h>
-
 #include "sparse_kernels_isa.h"
 
 #ifndef IPU_ISA_TABLE
@@ -271,25 +269,16 @@ int ChooseNv(int64_t batch, int column_tile) {
 constexpr int64_t kPanelBytes = 256 * 1024;
 // An element-wise non-zero does nv FMAs on the nv Vecs of x it loads (a block
 // reuses each row BS times), so from L2 the loads bound it. Where the pattern
-// is dense enough, chunks of at most kL1PanelMaxNv Vecs and panels of half the
-// L1 data cache feed the FMAs (whole-L1 panels are evicted by the streams of
-// values, indices and accumulators: 10% slower on a 32 KB L1); a sparser
-// pattern would leave each column so few non-zeros per panel that loading and
-// storing its accumulators would cost more.
+// is dense enough, chunks of at most kL1PanelMaxNv Vecs and panels that stay
+// in L1 feed the FMAs; a sparser one would leave each column so few non-zeros
+// per panel that loading and storing its accumulators would cost more.
+constexpr int64_t kL1PanelBytes = 32 * 1024;
 constexpr int kL1PanelMaxNv = 8;
 constexpr double kL1PanelMinNonZeros = 16;  // per column and panel
 
-int64_t L1PanelBytes() {
-  static const int64_t bytes = [] {
-    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    return int64_t{l1 > 0 ? l1 : 32 * 1024} / 2;  // a 32 KB L1 where the system does not say
-  }();
-  return bytes;
-}
-
 bool UseL1Panels(const BlockPattern& pattern, int nv) {
   if (pattern.block_size != 1 || pattern.input_blocks == 0) return false;
-  const int64_t rows = L1PanelBytes() / (std::min(nv, kL1PanelMaxNv) * sizeof(Vec));
+  const int64_t rows = kL1PanelBytes / (std::min(nv, kL1PanelMaxNv) * sizeof(Vec));
   const double density =
       double(pattern.num_blocks()) / pattern.output_blocks / pattern.input_blocks;
   return density * std::min(rows, pattern.input_blocks) >= kL1PanelMinNonZeros;
@@ -460,7 +449,7 @@ void MatmulForBlockSize(const BlockPattern& pattern, const float* values,
   int64_t panel_bytes = kPanelBytes;
   if (UseL1Panels(pattern, nv)) {
     nv = std::min(nv, kL1PanelMaxNv);
-    panel_bytes = L1PanelBytes();
+    panel_bytes = kL1PanelBytes;
   }
   // The same candidates as ChooseNv: kNvCandidates, then kMaxNv.
   MatmulIfNv<BS, 1>(nv, pattern, values, lhs, batch, out, panel_bytes, parallel_for) ||
