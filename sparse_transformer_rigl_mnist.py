@@ -59,7 +59,8 @@ from ipu_sparse_ops.keras_optimizers import check_options, optimizer_name, parse
 from ipu_sparse_ops.training_run import (
     TrainingError, UsageError, add_distribute_flags, batch_dataset, check_distribute_args,
     check_writable_dir, chief_folder, fit_errors, make_strategy, parse_flags, read_sidecar,
-    report_failure, save_model_with_sidecar, shard_batches, steps_per_segment)
+    remove_stale_temps, report_failure, save_model_with_sidecar, shard_batches,
+    steps_per_segment)
 
 logger = logging.getLogger("sparse_transformer")
 
@@ -477,6 +478,7 @@ def model_config(args) -> dict:
 def save_model(folder: Path, model, args, seed: int) -> Path:
     """The model (.keras, optimizer included) and a JSON of its flags and seed beside it."""
     path = folder / CHECKPOINT_NAME
+    remove_stale_temps(folder)  # what an earlier run killed while saving left
     save_model_with_sidecar(model, path, {"flags": model_config(args), "random_seed": seed})
     return path
 

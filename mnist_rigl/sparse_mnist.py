@@ -731,7 +731,7 @@ def train(args: argparse.Namespace, data, strategy=None) -> dict:
             logger.info("%s holds a backup after epoch %d; resuming there", folder, epochs_done)
     trains = args.test_mode != "tests"
     if trains and not args.single_train_step_only and chief:
-        remove_stale_temps(args.checkpoint_path)
+        remove_stale_temps(run_folder)  # what a killed save left, when resuming
         logger.info("checkpoints go to %s", run_folder)
     if args.records_path is not None and trains and chief:
         remove_stale_temps(args.records_path)

@@ -1,7 +1,11 @@
-"""One line at the start of every run: which kernels and which dense TensorFlow."""
+"""Test-session setup: the machine line at the start of every run, the PYTHONPATH the
+scripts get, and logging put back after each test."""
 
+import logging
 import os
 from pathlib import Path
+
+import pytest
 
 # The scripts the tests start import this checkout's packages, as `pip install .`
 # or PYTHONPATH would give them to a user.
@@ -27,3 +31,14 @@ def _machine_line() -> str:
     forced = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     onednn += f" (TF_ENABLE_ONEDNN_OPTS={forced})" if forced is not None else " (TensorFlow's default)"
     return f"CPU {cpu_model()}; op kernels: {ops.kernel_isa()}; TensorFlow oneDNN: {onednn}"
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """A script's main() points the root logger at the sys.stdout of its test, a capture
+    that is closed afterwards; later tests that log would write to the closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

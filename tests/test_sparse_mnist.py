@@ -785,10 +785,13 @@ def test_restore_resumes_the_schedules_at_start_epoch(mnist, tmp_path, monkeypat
     monkeypatch.setattr(sparse_mnist, "save_checkpoint", save_and_keep_epoch_1)
     train([*argv, "--checkpoint-path", str(tmp_path / "first")], mnist)
     monkeypatch.undo()
+    half_written = tmp_path / "kept" / "epoch1" / ".partial-checkpoint-0002kill.keras"
+    half_written.write_bytes(b"what a kill during a save leaves")
     resumed = train([*argv, "--checkpoint-path", str(tmp_path / "kept"), "--restore", "epoch1",
                      "--start-epoch", "1"], mnist)
     assert resumed["samples"] == 50 * 16 and resumed["run_folder"] == tmp_path / "kept" / "epoch1"
     assert resumed["test_loss"] == full["test_loss"]
+    assert not half_written.exists()
     assert_same_arrays(final_checkpoint(resumed["run_folder"])[1],
                        final_checkpoint(full["run_folder"])[1])
 

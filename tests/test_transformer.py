@@ -324,6 +324,9 @@ E2E = ["--train-samples", "3200", "--test-samples", "300", "--batch-size", "16",
 
 def test_end_to_end_run_then_test_from_the_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    half_written = ckpt / f".partial-{script.CHECKPOINT_NAME}1234"  # an earlier run killed
+    half_written.write_bytes(b"half")
     run = subprocess.run([sys.executable, str(SCRIPT), *E2E, "--checkpoint-path", str(ckpt),
                           "--accuracy-threshold", "0.5"], cwd=REPO, env=script_env(),
                          capture_output=True, text=True, timeout=600)
@@ -335,6 +338,7 @@ def test_end_to_end_run_then_test_from_the_checkpoint(tmp_path, capsys):
     assert "Traceback" not in run.stderr and "Warning" not in run.stderr, run.stderr
     saved = ckpt / script.CHECKPOINT_NAME
     assert json.loads(saved.with_suffix(".json").read_text())["flags"]["ff_length"] == 32
+    assert not half_written.exists()
     # --mode test rebuilds the model from the checkpoint alone and scores the same.
     assert script.main(E2E + ["--mode", "test", "--checkpoint-path", str(ckpt),
                               "--accuracy-threshold", "0.5"]) == 0
