@@ -228,7 +228,12 @@ def in_slot_order(triplets: Triplets) -> tuple[Triplets, np.ndarray]:
     """Triplets sorted as the op stores them (by column, then row) and the permutation used."""
     rows = np.asarray(triplets.row_indices)
     cols = np.asarray(triplets.col_indices)
-    perm = np.lexsort((rows, cols))
+    if rows.size and 0 <= min(rows.min(), cols.min()) and max(rows.max(), cols.max()) < 2**31:
+        # One int64 key (column, then row): a stable sort of it finds the runs an
+        # update leaves (kept connections in order, then the grown), unlike lexsort.
+        perm = np.argsort((cols.astype(np.int64) << 32) | rows.astype(np.int64), kind="stable")
+    else:  # out-of-range indices, which the representation then refuses
+        perm = np.lexsort((rows, cols))
     return Triplets(rows[perm], cols[perm], np.asarray(triplets.values)[perm]), perm
 
 

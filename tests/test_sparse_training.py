@@ -100,6 +100,25 @@ def test_smallest_ranks_as_a_stable_sort(seed, k):
     np.testing.assert_array_equal(smallest(keys, k), expected)
 
 
+@pytest.mark.parametrize("keys", ["random", "ties", "ascending", "descending", "equal",
+                                  "sample_misleads"])
+@pytest.mark.parametrize("k", [1, 500, 20_000, 49_999])
+def test_smallest_of_many_keys_ranks_as_a_stable_sort(keys, k):
+    """Beyond a few thousand keys the k-th is bounded from a sample first."""
+    rng = np.random.default_rng(k)
+    n = 50_000
+    keys = {"random": rng.standard_normal(n),
+            "ties": rng.integers(0, 50, n).astype(np.float32),
+            "ascending": np.arange(n, dtype=np.float64),
+            "descending": np.arange(n, 0, -1, dtype=np.float64),
+            "equal": np.zeros(n),
+            # The sampled keys (every 24th) below all others: fewer than k keys are at
+            # or below the sample's bound, and the whole is partitioned.
+            "sample_misleads": np.where(np.arange(n) % 24 == 0, -rng.random(n),
+                                        rng.random(n))}[keys]
+    np.testing.assert_array_equal(smallest(keys, k), np.argsort(keys, kind="stable")[:k])
+
+
 @pytest.mark.parametrize("block_size, shape, nnz, k", [
     (1, (7, 9), 20, 8), (4, (7, 9), 20, 8), (1, (30, 40), 300, 120)])
 @pytest.mark.parametrize("seed", range(5))
