@@ -480,10 +480,10 @@ constexpr int kScatterMaxNv = 4;
 constexpr int64_t kScatterSmallWork = int64_t{1} << 22;
 
 // grad_lhs = grad_out @ W^T for an element-wise W without transposing the
-// pattern: non-zero W[i, j] adds W[i, j] * dy[:, j] to dx[:, i]. A work item
-// is one batch chunk of NV Vecs and one panel of rows (L2-sized, and narrow
-// enough that a single chunk still gives every thread work), so no two items
-// write one row; each column finds its panel's non-zeros by binary search.
+// pattern: non-zero W[i, j] adds W[i, j] * dy[:, j] to dx[:, i]. The batch is
+// one chunk of NV Vecs (batch <= NV * kLanes); a work item is one panel of rows
+// (L2-sized, and at most half the rows, so that both threads get work), so no
+// two items write one row; each column finds its panel's non-zeros by binary search.
 template <int NV>
 void GradInputScatterNv(const BlockPattern& pattern, const float* values,
                         const float* grad_out, int64_t batch, float* grad_lhs,
@@ -495,20 +495,19 @@ void GradInputScatterNv(const BlockPattern& pattern, const float* values,
   Packed dy(Operand::kFirst, batch, columns, NV);
   Packed dx(Operand::kSecond, batch, rows, NV);
   dy.Pack(grad_out, batch, parallel_for);
-  constexpr int64_t kMinItems = 2;
-  const int64_t parts = std::max<int64_t>(1, (kMinItems + dx.chunks() - 1) / dx.chunks());
-  const int64_t panel_rows = std::min<int64_t>(kPanelBytes / (NV * sizeof(Vec)),
-                                               std::max<int64_t>(1, (rows + parts - 1) / parts));
+  constexpr int64_t kMinPanels = 2;
+  const int64_t panel_rows =
+      std::min<int64_t>(kPanelBytes / (NV * sizeof(Vec)),
+                        std::max<int64_t>(1, (rows + kMinPanels - 1) / kMinPanels));
   const int64_t panels = (rows + panel_rows - 1) / panel_rows;
-  parallel_for(dx.chunks() * panels, (nnz / panels + columns) * NV * 3 + panel_rows * NV,
+  Vec* dx_rows = dx.chunk(0);
+  const Vec* dy_rows = dy.chunk(0);
+  parallel_for(panels, (nnz / panels + columns) * NV * 3 + panel_rows * NV,
                [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t c = u / panels;
-      const int64_t p0 = (u % panels) * panel_rows;
+      const int64_t p0 = u * panel_rows;
       const int64_t p1 = std::min(rows, p0 + panel_rows);
-      Vec* dxc = dx.chunk(c);
-      const Vec* dyc = dy.chunk(c);
-      std::fill(dxc + p0 * NV, dxc + p1 * NV, Vec{});
+      std::fill(dx_rows + p0 * NV, dx_rows + p1 * NV, Vec{});
       for (int64_t j = 0; j < columns; ++j) {
         const int32_t* col_begin = row_indices + pattern.col_offsets[j];
         const int32_t* col_end = row_indices + pattern.col_offsets[j + 1];
@@ -519,9 +518,9 @@ void GradInputScatterNv(const BlockPattern& pattern, const float* values,
         if (k_begin == k_end) continue;
         Vec dyv[NV];
 #pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) dyv[v] = dyc[j * NV + v];
+        for (int v = 0; v < NV; ++v) dyv[v] = dy_rows[j * NV + v];
         for (int32_t k = k_begin; k < k_end; ++k) {
-          Vec* dxr = dxc + int64_t{row_indices[k]} * NV;
+          Vec* dxr = dx_rows + int64_t{row_indices[k]} * NV;
           const float w = values[k];
 #pragma GCC unroll 16
           for (int v = 0; v < NV; ++v) dxr[v] += w * dyv[v];
