@@ -36,7 +36,9 @@ ISA_FLAGS_generic := -DIPU_ISA_TABLE=kGenericKernels -DIPU_ISA_NAME='"generic"'
 ISA_FLAGS_avx2 := -march=x86-64-v3 -DIPU_ISA_TABLE=kAvx2Kernels -DIPU_ISA_NAME='"avx2"'
 ISA_FLAGS_avx512 := -march=x86-64-v4 -DIPU_ISA_TABLE=kAvx512Kernels -DIPU_ISA_NAME='"avx512"'
 
-PLAIN_OBJS := $(BUILD)/sparse_pattern.o $(BUILD)/sparse_kernels.o \
+# Sources that know nothing of TensorFlow (the ISA kernels are compiled apart, below).
+PLAIN_NAMES := sparse_pattern sparse_kernels claiming_parallel_for
+PLAIN_OBJS := $(PLAIN_NAMES:%=$(BUILD)/%.o) \
               $(foreach isa,$(ISAS),$(BUILD)/sparse_kernels_isa_$(isa).o)
 TF_OBJS := $(BUILD)/sparse_matmul_ops.o $(BUILD)/sparse_matmul_kernels.o
 
@@ -49,7 +51,7 @@ $(OP_LIB): $(TF_OBJS) $(PLAIN_OBJS)
 $(HOST_UTILS): $(CC_DIR)/host_utils.cc $(BUILD)/sparse_pattern.o | $(BUILD) $(DEPS_STAMP)
 	$(CXX) $(CXXFLAGS) -MF $(BUILD)/host_utils.d -std=c++17 -shared $(shell $(PYTHON) -m pybind11 --includes) -o $@ $< $(BUILD)/sparse_pattern.o
 
-$(BUILD)/sparse_pattern.o $(BUILD)/sparse_kernels.o: $(BUILD)/%.o: $(CC_DIR)/%.cc | $(BUILD)
+$(PLAIN_NAMES:%=$(BUILD)/%.o): $(BUILD)/%.o: $(CC_DIR)/%.cc | $(BUILD)
 	$(CXX) $(CXXFLAGS) -std=c++17 -c -o $@ $<
 
 $(BUILD)/sparse_kernels_isa_%.o: $(CC_DIR)/sparse_kernels_isa.cc | $(BUILD)
@@ -145,7 +147,7 @@ ASAN_FLAGS := -fsanitize=address -fno-omit-frame-pointer -O1 -g
 ASAN_CXXFLAGS := $(filter-out -O3,$(CXXFLAGS)) $(ASAN_FLAGS)
 ASAN_LIB := $(ASAN_BUILD)/libsparse_matmul_ops.so
 ASAN_HOST_UTILS := $(ASAN_BUILD)/$(notdir $(HOST_UTILS))
-ASAN_PLAIN_OBJS := $(ASAN_BUILD)/sparse_pattern.o $(ASAN_BUILD)/sparse_kernels.o \
+ASAN_PLAIN_OBJS := $(PLAIN_NAMES:%=$(ASAN_BUILD)/%.o) \
                    $(foreach isa,$(ISAS),$(ASAN_BUILD)/sparse_kernels_isa_$(isa).o)
 ASAN_TF_OBJS := $(ASAN_BUILD)/sparse_matmul_ops.o $(ASAN_BUILD)/sparse_matmul_kernels.o
 .PHONY: asan test-fuzz-asan
@@ -157,7 +159,7 @@ $(ASAN_LIB): $(ASAN_TF_OBJS) $(ASAN_PLAIN_OBJS)
 $(ASAN_HOST_UTILS): $(ASAN_SRC)/host_utils.cc $(ASAN_BUILD)/sparse_pattern.o | $(ASAN_BUILD) $(DEPS_STAMP)
 	$(CXX) $(ASAN_CXXFLAGS) -MF $(ASAN_BUILD)/host_utils.d -std=c++17 -shared $(shell $(PYTHON) -m pybind11 --includes) -o $@ $< $(ASAN_BUILD)/sparse_pattern.o
 
-$(ASAN_BUILD)/sparse_pattern.o $(ASAN_BUILD)/sparse_kernels.o: $(ASAN_BUILD)/%.o: $(ASAN_SRC)/%.cc | $(ASAN_BUILD)
+$(PLAIN_NAMES:%=$(ASAN_BUILD)/%.o): $(ASAN_BUILD)/%.o: $(ASAN_SRC)/%.cc | $(ASAN_BUILD)
 	$(CXX) $(ASAN_CXXFLAGS) -std=c++17 -c -o $@ $<
 
 $(ASAN_BUILD)/sparse_kernels_isa_%.o: $(ASAN_SRC)/sparse_kernels_isa.cc | $(ASAN_BUILD)

@@ -2,7 +2,8 @@
 // loop for tuning them and the input to perf / callgrind.
 //
 //   g++ -O3 -std=c++17 -Iipu_sparse_ops/cc -o build/kernel_bench bench/kernel_bench.cc \
-//       build/sparse_pattern.o build/sparse_kernels.o build/sparse_kernels_isa_*.o -lpthread
+//       build/sparse_pattern.o build/sparse_kernels.o build/claiming_parallel_for.o \
+//       build/sparse_kernels_isa_*.o -lpthread
 //   build/kernel_bench BLOCK BATCH INPUT OUTPUT DENSITY THREADS [REPEATS]
 //
 // (bench/run_kernel_bench.sh does both for the cases the issue sets targets for.)
@@ -14,28 +15,64 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <condition_variable>
+#include <deque>
 #include <functional>
+#include <mutex>
 #include <random>
 #include <thread>
 #include <vector>
 
+#include "claiming_parallel_for.h"
 #include "sparse_kernels.h"
 #include "sparse_pattern.h"
 
 namespace kernel_bench {
 
-// Splits [0, n) into `threads` equal ranges, one std::thread each (cost ignored).
-ipu_sparse_ops::ParallelFor ThreadsParallelFor(int threads) {
-  return [threads](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
-    if (threads == 1 || n < 2) return fn(0, n);
-    std::vector<std::thread> workers;
-    for (int t = 1; t < threads; ++t) {
-      workers.emplace_back(fn, n * t / threads, n * (t + 1) / threads);
+// threads - 1 workers that run scheduled tasks, as TensorFlow's intra-op pool
+// does for the op; the kernels share work with them as in the op.
+class Pool {
+ public:
+  explicit Pool(int workers) {
+    for (int w = 0; w < workers; ++w) threads_.emplace_back([this] { Work(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_ = true;
     }
-    fn(0, n / threads);
-    for (auto& w : workers) w.join();
-  };
-}
+    ready_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  void Schedule(std::function<void()> task) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      tasks_.push_back(std::move(task));
+    }
+    ready_.notify_one();
+  }
+
+ private:
+  void Work() {
+    for (;;) {
+      std::function<void()> task;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [this] { return done_ || !tasks_.empty(); });
+        if (tasks_.empty()) return;
+        task = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      task();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::function<void()>> tasks_;
+  bool done_ = false;
+  std::vector<std::thread> threads_;
+};
 
 double BestMs(const std::function<void()>& run, int repeats) {
   run();  // warm up
@@ -84,7 +121,9 @@ int Main(int argc, char** argv) {
   const std::vector<float> x = random_vector(batch * input);
   const std::vector<float> dy = random_vector(batch * output);
   std::vector<float> y(batch * output), dx(batch * input), dv(nnz * bs * bs);
-  const auto pf = ThreadsParallelFor(threads);
+  Pool pool(threads - 1);
+  const auto pf = ipu_sparse_ops::ClaimingParallelFor(
+      threads, [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); });
 
   const double gflop = 2.0 * batch * nnz * bs * bs / 1e9;
   const double fwd = BestMs([&] {

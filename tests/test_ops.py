@@ -240,6 +240,38 @@ def test_negative_row_is_caught_however_large_the_input(input_size):
                                               input_size=input_size)
 
 
+@pytest.mark.parametrize("block_size, density", [(1, 0.2), (16, 0.3)])
+def test_work_split_among_threads_matches_numpy(block_size, density):
+    """Large enough that each kernel's work is shared among the intra-op threads."""
+    rng = np.random.default_rng(block_size)
+    blocks = (256 // block_size) * (192 // block_size)
+    count = round(density * blocks)
+    spec, triplets, lhs, grad_out = make_problem(rng, 128, 256, 192, block_size, count, count)
+    check_against_numpy(spec, triplets, lhs, grad_out, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_running_side_by_side_each_match_numpy():
+    """Independent ops of one function run at once on the inter-op threads, each
+    sharing its work with the same intra-op pool."""
+    rng = np.random.default_rng(5)
+    problems = [make_problem(rng, 128, 256, 192, 1, 9000 + 100 * i, 9000 + 100 * i)
+                for i in range(6)]
+    reps = [sparse.representation_from_triplets(spec, trip) for spec, trip, _, _ in problems]
+
+    @tf.function
+    def all_products():
+        return [(ops.sparse_matmul(tf.constant(lhs), rep, spec),
+                 ops._ops.ipu_sparse_matmul_grad_input(tf.constant(grad_out), rep.metainfo,
+                                                       rep.nz_values, input_size=256))
+                for (spec, _, lhs, grad_out), rep in zip(problems, reps)]
+
+    for _ in range(3):
+        for (spec, trip, lhs, grad_out), (out, grad_lhs) in zip(problems, all_products()):
+            ref_out, ref_grad_lhs, _ = numpy_reference(spec, trip, lhs, grad_out)
+            np.testing.assert_allclose(out.numpy(), ref_out, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(grad_lhs.numpy(), ref_grad_lhs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_grad_values_every_batch_width_every_kernel_build(isa):
     """The element-wise grad-values kernel has one loop per batch width of up to 8 Vecs

@@ -4,6 +4,7 @@
 #include <limits>
 #include <string>
 
+#include "claiming_parallel_for.h"
 #include "sparse_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -21,10 +22,8 @@ using ::tensorflow::errors::InvalidArgument;
 
 ParallelFor IntraOpParallelFor(OpKernelContext* ctx) {
   auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [pool](int64_t n, int64_t cost_per_item,
-                const std::function<void(int64_t, int64_t)>& fn) {
-    pool->ParallelFor(n, cost_per_item, fn);
-  };
+  return ClaimingParallelFor(pool->NumThreads(),
+                             [pool](std::function<void()> task) { pool->Schedule(std::move(task)); });
 }
 
 // A float32 view of a float or half tensor (half is converted into scratch).
