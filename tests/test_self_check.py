@@ -14,10 +14,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "ipu_sparse_ops", "tools", "sparse_matmul.py")
 
 
-def run_tool(*args, isa=None):
+def run_tool(*args, isa=None, l1d_bytes=None):
     env = dict(os.environ)
     if isa:
         env["IPU_SPARSE_OPS_ISA"] = isa
+    if l1d_bytes:
+        env["IPU_SPARSE_OPS_L1D_BYTES"] = str(l1d_bytes)
     return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
                           timeout=600, env=env)
 
@@ -63,10 +65,12 @@ def test_every_kernel_build(isa, block_size, batch):
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("batch", [5, 150])
-def test_dense_element_wise_panels_every_kernel_build(isa, batch):
-    """Dense enough that the forward sweeps many L1-sized row panels per column."""
+@pytest.mark.parametrize("l1d_bytes", [32 * 1024, 48 * 1024])
+def test_dense_element_wise_panels_every_kernel_build(isa, batch, l1d_bytes):
+    """Dense enough that the forward sweeps many row panels per column: L2-sized ones
+    for a 32 KB L1, L1-sized ones for a 48 KB L1, whichever this CPU has."""
     result = run_tool("--pattern", "random", "--batch-size", str(batch), "--input-size", "1100",
-                      "--output-size", "96", "--density", "0.5", isa=isa)
+                      "--output-size", "96", "--density", "0.5", isa=isa, l1d_bytes=l1d_bytes)
     assert result.returncode == 0 and "Results match." in result.stdout, result.stdout + result.stderr
 
 
