@@ -31,8 +31,9 @@ from ipu_sparse_ops import ops, rigl, sparse_training
 from ipu_sparse_ops.distribute import PatternCheck, is_chief
 from ipu_sparse_ops.training_run import write_atomically
 from ipu_sparse_ops.sparse import (MatmulSpec, Representation, Triplets, capacity_for_density,
-                                   dense_from_triplets, in_slot_order, random_glorot_triplets,
-                                   representation_from_triplets, triplets_from_representation)
+                                   dense_from_triplets, random_glorot_triplets,
+                                   representation_and_order, representation_from_triplets,
+                                   triplets_from_representation)
 
 __all__ = ["SparseDense", "RigL", "SeededDropout", "sparse_layers", "to_dense"]
 
@@ -114,7 +115,7 @@ class SparseDense(keras.layers.Layer):
                                data_type=data_type, pooling_type=self.pooling)
         triplets = self._zero_padding(random_glorot_triplets(self.spec, count=count,
                                                              seed=self.seed))
-        rep = representation_from_triplets(self.spec, in_slot_order(triplets)[0])
+        rep = representation_from_triplets(self.spec, triplets)
         self.metainfo = self.add_weight(
             name="metainfo", shape=rep.metainfo.shape, dtype="int32", trainable=False,
             initializer=constant_initializer(rep.metainfo))
@@ -258,8 +259,7 @@ class SparseDense(keras.layers.Layer):
         slot it continues or -1 (padding and new connections). Values in the
         padding of the sizes are stored as zero.
         """
-        ordered, order = in_slot_order(self._zero_padding(triplets))
-        rep = representation_from_triplets(self.spec, ordered)
+        rep, order = representation_and_order(self.spec, self._zero_padding(triplets))
         self.metainfo.assign(rep.metainfo)
         self.nz_values.assign(rep.nz_values.astype(self.nz_values.dtype))
         slot_kept_from = np.full(self.capacity, -1, dtype=np.int64)

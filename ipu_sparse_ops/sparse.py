@@ -146,6 +146,13 @@ def _check_triplets(spec: MatmulSpec, triplets: Triplets) -> None:
 
 def representation_from_triplets(spec: MatmulSpec, triplets: Triplets) -> Representation:
     """The op's fixed-capacity form of a pattern; raises ValueError if it does not fit."""
+    return representation_and_order(spec, triplets)[0]
+
+
+def representation_and_order(spec: MatmulSpec,
+                             triplets: Triplets) -> tuple[Representation, np.ndarray]:
+    """`representation_from_triplets`, and for each slot the index of its triplet
+    (the slot order is column, then row), which the one sort finds for both."""
     _check_triplets(spec, triplets)
     metainfo, order = host_utils.build_metainfo(
         np.asarray(triplets.row_indices, dtype=np.int64),
@@ -154,7 +161,7 @@ def representation_from_triplets(spec: MatmulSpec, triplets: Triplets) -> Repres
     bs = spec.block_size
     nz_values = np.zeros((spec.max_non_zero_blocks, bs, bs), dtype=spec.dtype)
     nz_values[:len(order)] = np.asarray(triplets.values).reshape(-1, bs, bs)[order]
-    return Representation(metainfo, nz_values)
+    return Representation(metainfo, nz_values), order
 
 
 def triplets_from_representation(spec: MatmulSpec, representation: Representation) -> Triplets:
@@ -228,12 +235,7 @@ def in_slot_order(triplets: Triplets) -> tuple[Triplets, np.ndarray]:
     """Triplets sorted as the op stores them (by column, then row) and the permutation used."""
     rows = np.asarray(triplets.row_indices)
     cols = np.asarray(triplets.col_indices)
-    if rows.size and 0 <= min(rows.min(), cols.min()) and max(rows.max(), cols.max()) < 2**31:
-        # One int64 key (column, then row): a stable sort of it finds the runs an
-        # update leaves (kept connections in order, then the grown), unlike lexsort.
-        perm = np.argsort((cols.astype(np.int64) << 32) | rows.astype(np.int64), kind="stable")
-    else:  # out-of-range indices, which the representation then refuses
-        perm = np.lexsort((rows, cols))
+    perm = np.lexsort((rows, cols))
     return Triplets(rows[perm], cols[perm], np.asarray(triplets.values)[perm]), perm
 
 

@@ -49,6 +49,9 @@ def smallest(keys: np.ndarray, k: int) -> np.ndarray:
     return chosen[np.argsort(keys[chosen], kind="stable")]
 
 
+_SAMPLE_SIZE = 2048
+
+
 def _kth_smallest(keys: np.ndarray, k: int) -> float:
     """The k-th smallest key (1-based), exactly; NaN-free keys.
 
@@ -68,8 +71,6 @@ def _kth_smallest(keys: np.ndarray, k: int) -> float:
             return np.partition(at_or_below, k - 1)[k - 1]
     return np.partition(keys, k - 1)[k - 1]
 
-
-_SAMPLE_SIZE = 2048
 
 
 def prune(triplets: Triplets, k: int) -> np.ndarray:

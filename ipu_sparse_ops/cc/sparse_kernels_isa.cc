@@ -296,12 +296,14 @@ int64_t L1DataCacheBytes() {
 }
 
 bool UseL1Panels(const BlockPattern& pattern, int nv) {
-  if (pattern.block_size != 1 || L1DataCacheBytes() < kL1PanelMinCacheBytes) return false;
+  if (pattern.block_size != 1 || pattern.input_blocks == 0 ||
+      L1DataCacheBytes() < kL1PanelMinCacheBytes) {
+    return false;
+  }
   const int64_t rows = kL1PanelBytes / (std::min(nv, kL1PanelMaxNv) * sizeof(Vec));
-  if (pattern.input_blocks < 2 * rows) return false;  // x then mostly stays in L1 anyway
   const double density =
       double(pattern.num_blocks()) / pattern.output_blocks / pattern.input_blocks;
-  return density * rows >= kL1PanelMinNonZeros;
+  return density * std::min(rows, pattern.input_blocks) >= kL1PanelMinNonZeros;
 }
 // Output columns that sweep the panels together; their cursors live on the stack.
 constexpr int64_t kColumnGroup = 128;
