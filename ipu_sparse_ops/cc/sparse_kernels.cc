@@ -33,16 +33,19 @@ const internal::IsaKernels& Kernels() {
 }
 
 // W^T's pattern in the forward kernel's form: for each input block i, the
-// output blocks holding a non-zero in block-row i (ascending), and for each
-// slot the slot of W whose block, transposed, goes there.
+// output blocks holding a non-zero in block-row i (ascending); for each slot k
+// of W, the slot its block goes to, transposed; and W's slots split into the
+// ranges of output blocks the transpose was counted in.
 struct TransposedPattern {
   std::vector<int32_t> key;  // W's sizes and metainfo: what it was built from
   std::vector<int32_t> col_offsets;
   std::vector<int32_t> row_indices;
-  std::vector<int32_t> source;
+  std::vector<int32_t> destination;
+  std::vector<int32_t> part_slots;  // [parts + 1]
 
   int64_t bytes() const {
-    return int64_t(key.size() + col_offsets.size() + row_indices.size() + source.size()) * 4;
+    return int64_t(key.size() + col_offsets.size() + row_indices.size() +
+                   destination.size() + part_slots.size()) * 4;
   }
 };
 
@@ -87,7 +90,9 @@ void BuildTransposed(const BlockPattern& pattern, const ParallelFor& parallel_fo
     }
   }
   t->row_indices.resize(nnz);
-  t->source.resize(nnz);
+  t->destination.resize(nnz);
+  t->part_slots.resize(parts + 1);
+  for (int64_t q = 0; q <= parts; ++q) t->part_slots[q] = pattern.col_offsets[part_begin[q]];
   parallel_for(parts, cost_per_part, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       int32_t* cursor = slots.data() + q * rows;
@@ -95,7 +100,7 @@ void BuildTransposed(const BlockPattern& pattern, const ParallelFor& parallel_fo
         for (int32_t k = pattern.col_offsets[j]; k < pattern.col_offsets[j + 1]; ++k) {
           const int32_t slot = cursor[pattern.row_indices[k]]++;
           t->row_indices[slot] = static_cast<int32_t>(j);
-          t->source[slot] = k;
+          t->destination[k] = slot;
         }
       }
     }
@@ -156,18 +161,23 @@ const TransposedPattern& KeptTransposedPattern(const BlockPattern& pattern,
 
 // W^T's values in the transposed pattern's slot order, each block transposed,
 // in storage the calling thread keeps from one call to the next (fresh pages
-// would cost their faults every time).
+// would cost their faults every time). Each part reads its own slots of W in
+// order and writes one run per input block, so the lines being written stay in
+// L2; gathering each slot from anywhere in W instead missed the caches
+// (256x4096x4096 d 0.3: 14 ms, a third of the input gradient).
 const float* TransposedValues(const TransposedPattern& t, const float* values,
                               int64_t block_size, const ParallelFor& parallel_for) {
   thread_local std::vector<float> kept;
-  const int64_t nnz = t.source.size();
+  const int64_t nnz = t.destination.size();
   const int64_t bs = block_size;
+  const int64_t parts = int64_t(t.part_slots.size()) - 1;
   kept.resize(nnz * bs * bs);
   float* out = kept.data();
-  parallel_for(nnz, bs * bs * 4 + 8, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const float* block = values + int64_t{t.source[s]} * bs * bs;
-      float* transposed = out + s * bs * bs;
+  if (nnz == 0) return out;
+  parallel_for(parts, (nnz / parts + 1) * (bs * bs * 4 + 8), [&](int64_t begin, int64_t end) {
+    for (int64_t k = t.part_slots[begin]; k < t.part_slots[end]; ++k) {
+      const float* block = values + k * bs * bs;
+      float* transposed = out + int64_t{t.destination[k]} * bs * bs;
       if (bs == 1) {  // most patterns: keep the general loop out of their way
         *transposed = *block;
         continue;
