@@ -14,12 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "ipu_sparse_ops", "tools", "sparse_matmul.py")
 
 
-def run_tool(*args, isa=None, l1d_bytes=None):
+def run_tool(*args, isa=None):
     env = dict(os.environ)
     if isa:
         env["IPU_SPARSE_OPS_ISA"] = isa
-    if l1d_bytes:
-        env["IPU_SPARSE_OPS_L1D_BYTES"] = str(l1d_bytes)
     return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
                           timeout=600, env=env)
 
@@ -64,13 +62,16 @@ def test_every_kernel_build(isa, block_size, batch):
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-@pytest.mark.parametrize("batch", [5, 150])
-@pytest.mark.parametrize("l1d_bytes", [32 * 1024, 48 * 1024])
-def test_dense_element_wise_panels_every_kernel_build(isa, batch, l1d_bytes):
-    """Dense enough that the forward sweeps many row panels per column: L2-sized ones
-    for a 32 KB L1, L1-sized ones for a 48 KB L1, whichever this CPU has."""
-    result = run_tool("--pattern", "random", "--batch-size", str(batch), "--input-size", "1100",
-                      "--output-size", "96", "--density", "0.5", isa=isa, l1d_bytes=l1d_bytes)
+@pytest.mark.parametrize("batch,input_size,density", [
+    (5, 1100, 0.5),      # x within one L2 panel
+    (150, 2304, 0.5),    # x past an L2 panel, dense: nine L1 panels
+    (150, 2304, 0.05),   # x past an L2 panel, sparse: two L2 panels
+], ids=["one-panel", "l1-panels", "l2-panels"])
+def test_element_wise_panels_every_kernel_build(isa, batch, input_size, density):
+    """The element-wise forward sweeps x in panels, whichever sizes the shape picks,
+    on every kernel build (the row split is the same for 4, 8 and 16 lanes here)."""
+    result = run_tool("--pattern", "random", "--batch-size", str(batch), "--input-size",
+                      str(input_size), "--output-size", "96", "--density", str(density), isa=isa)
     assert result.returncode == 0 and "Results match." in result.stdout, result.stdout + result.stderr
 
 
