@@ -68,7 +68,7 @@ def test_every_kernel_build(isa, block_size, batch):
     (150, 2304, 0.05),   # x past an L2 panel, sparse: two L2 panels
 ], ids=["one-panel", "l1-panels", "l2-panels"])
 def test_element_wise_panels_every_kernel_build(isa, batch, input_size, density):
-    """The element-wise forward sweeps x in panels, whichever sizes the shape picks,
+    """The element-wise forward and grad-values sweep x in panels, whichever sizes the shape picks,
     on every kernel build (the row split is the same for 4, 8 and 16 lanes here)."""
     result = run_tool("--pattern", "random", "--batch-size", str(batch), "--input-size",
                       str(input_size), "--output-size", "96", "--density", str(density), isa=isa)

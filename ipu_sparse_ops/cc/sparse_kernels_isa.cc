@@ -272,26 +272,28 @@ int ChooseNv(int64_t batch, int column_tile) {
 // of a larger x would come from L3, which the cores share).
 constexpr int64_t kPanelBytes = 256 * 1024;
 // An element-wise non-zero does nv FMAs on the nv Vecs of x it loads (a block
-// reuses each row BS times), so from L2 the loads bound it. Where x is larger
-// than an L2 panel and the pattern dense enough, chunks of at most
-// kL1PanelMaxNv Vecs and panels that stay in L1 feed the FMAs faster
-// (256x4096x4096 d 0.3, 32 KB-L1 EPYC: 27.9 -> 23.8 ms); a sparser pattern
-// would leave each column so few non-zeros per panel that loading and storing
-// its accumulators cost more, and an x that fits one L2 panel is near already
+// reuses each row BS times), so from L2 the loads bound it, in the forward
+// and the SDDMM alike. Where x is larger than an L2 panel and the pattern
+// dense enough, chunks of the batch (at most max_chunk_nv Vecs) in panels
+// that stay in L1 feed the FMAs faster (256x4096x4096 d 0.3, 32 KB-L1 EPYC:
+// forward 27.9 -> 23.8 ms); a sparser pattern would leave each column so few
+// non-zeros per panel that the per-panel work (accumulators loaded and stored,
+// horizontal sums) costs more, and an x that fits one L2 panel is near already
 // (16x784x320: 22 -> 33 us with L1 panels).
 constexpr int64_t kL1PanelBytes = 32 * 1024;
 constexpr int kL1PanelMaxNv = 8;
 constexpr double kL1PanelMinNonZeros = 16;  // per column and panel
 
-bool UseL1Panels(const BlockPattern& pattern, int nv) {
+bool UseL1Panels(const BlockPattern& pattern, int64_t nv, int64_t max_chunk_nv) {
   if (pattern.block_size != 1 || pattern.input_blocks * nv * int64_t{sizeof(Vec)} <= kPanelBytes) {
     return false;
   }
-  const int64_t rows = kL1PanelBytes / (std::min(nv, kL1PanelMaxNv) * sizeof(Vec));
+  const int64_t rows = kL1PanelBytes / (std::min(nv, max_chunk_nv) * sizeof(Vec));
   const double density =
       double(pattern.num_blocks()) / pattern.output_blocks / pattern.input_blocks;
   return density * std::min(rows, pattern.input_blocks) >= kL1PanelMinNonZeros;
 }
+
 // The first k in [k, k_max) whose row is p1 or more (rows ascend): a vector of
 // rows compared at a time, as a column has a dozen or more non-zeros per L1
 // panel, and a scalar loop's exit branch missed at each (256x4096x4096 d 0.3
@@ -484,7 +486,7 @@ void MatmulForBlockSize(const BlockPattern& pattern, const float* values,
   constexpr int kMaxNv = kMaxAccumulators / ColumnTile(BS);
   int nv = ChooseNv(batch, ColumnTile(BS));
   int64_t panel_bytes = kPanelBytes;
-  if (UseL1Panels(pattern, nv)) {
+  if (UseL1Panels(pattern, nv, kL1PanelMaxNv)) {
     nv = std::min(nv, kL1PanelMaxNv);
     panel_bytes = kL1PanelBytes;
   }
@@ -613,12 +615,18 @@ constexpr int kDotGroup = kMaxAccumulators >= 16 ? 16 : 8;
 constexpr int kDotTileRows = kMaxAccumulators >= 16 ? 4 : 2;
 constexpr int kDotTileCols = 4;
 
-// Stores the lane sums of acc[0, n) at out; the rest of acc is padding.
-[[gnu::always_inline]] inline void StoreDots(const Vec (&acc)[kDotGroup], int n, float* out) {
-  if (n == kDotGroup) return HorizontalSums(acc, out);
+// Writes the lane sums of acc[0, n) to out, or adds them to it; the rest of
+// acc is padding.
+[[gnu::always_inline]] inline void StoreDots(const Vec (&acc)[kDotGroup], int n,
+                                             bool accumulate, float* out) {
   float dots[kDotGroup];
   HorizontalSums(acc, dots);
-  std::copy(dots, dots + n, out);
+  if (n == kDotGroup) {
+#pragma GCC unroll 16
+    for (int e = 0; e < kDotGroup; ++e) out[e] = accumulate ? out[e] + dots[e] : dots[e];
+  } else {
+    for (int e = 0; e < n; ++e) out[e] = accumulate ? out[e] + dots[e] : dots[e];
+  }
 }
 
 // grad_values[k] = x row . dy_row for the element-wise non-zeros k in
@@ -635,61 +643,164 @@ inline void DotColumn(const int32_t* row_indices, const Vec* x, const Vec* dy_ro
     }
     Vec acc[kDotGroup][1] = {};
     DotTile<kDotGroup, 1>(x_rows, dy_rows, nv, acc);
-    StoreDots(reinterpret_cast<const Vec(&)[kDotGroup]>(acc), n, grad_values + k);
+    StoreDots(reinterpret_cast<const Vec(&)[kDotGroup]>(acc), n, false, grad_values + k);
   }
 }
 
-// DotColumn for rows of NV Vecs, few enough that the column's dy row stays in
-// registers: a non-zero then needs one x pointer, where DotColumn keeps
-// kDotGroup of them live, more than there are general-purpose registers (they
-// went through vector registers and back: 16x784x320 took 2.2x as long).
-template <int NV>
-[[gnu::always_inline]] inline void DotColumnNarrow(const int32_t* row_indices, const Vec* x,
-                                                   const Vec* dy_row, int32_t k_begin,
-                                                   int32_t k_end, float* grad_values) {
-  Vec dyv[NV];
+// Dot products DotGroup computes side by side: one at a time, each waited on
+// the FMA latency (256x4096x4096 d 0.3 grad-values 4% slower).
+constexpr int kDotInterleave = 2;
+
+// out[e] (+)= x row rows[e] . dy for e < n, on NV Vecs of each row (rows are
+// stride Vecs apart, dy is in registers). G rows are computed, those past n
+// repeating the last, so that a short group is not a branch per row.
+template <int NV, int G>
+[[gnu::always_inline]] inline void DotGroup(const int32_t* rows, int n, const Vec* x,
+                                            int64_t stride, const Vec (&dy)[NV],
+                                            bool accumulate, float* out) {
+  static_assert(G % kDotInterleave == 0 && G <= kDotGroup, "G rows in whole steps");
+  Vec acc[kDotGroup] = {};
 #pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) dyv[v] = dy_row[v];
-  for (int32_t k = k_begin; k < k_end; k += kDotGroup) {
-    const int n = std::min<int32_t>(kDotGroup, k_end - k);
-    Vec acc[kDotGroup];
-#pragma GCC unroll 16
-    for (int e = 0; e < kDotGroup; ++e) {
-      const Vec* xr = x + int64_t{row_indices[k + std::min(e, n - 1)]} * NV;
-      acc[e] = xr[0] * dyv[0];
-#pragma GCC unroll 16
-      for (int v = 1; v < NV; ++v) acc[e] += xr[v] * dyv[v];
+  for (int e0 = 0; e0 < G; e0 += kDotInterleave) {
+    const Vec* xr[kDotInterleave];
+#pragma GCC unroll 4
+    for (int e = 0; e < kDotInterleave; ++e) {
+      xr[e] = x + int64_t{rows[std::min(e0 + e, n - 1)]} * stride;
     }
-    StoreDots(acc, n, grad_values + k);
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 4
+      for (int e = 0; e < kDotInterleave; ++e) acc[e0 + e] += xr[e][v] * dy[v];
+  }
+  StoreDots(acc, n, accumulate, out);
+}
+
+// The non-zeros k in [k_begin, k_end) of one column, as DotGroup: on NV Vecs
+// of the batch, few enough that the column's dy stays in registers, so a
+// non-zero needs one x pointer (DotColumn keeps kDotGroup of them live, more
+// than there are general-purpose registers: 16x784x320 took 2.2x as long).
+// The last few non-zeros take the smallest group of 1/4, 1/2 or 3/4 kDotGroup
+// that holds them (at 19 non-zeros per column and L1 panel, a full group for
+// the last 3 cost a quarter of the time).
+template <int NV>
+[[gnu::always_inline]] inline void DotColumnChunk(const int32_t* row_indices, const Vec* x,
+                                                  int64_t stride, const Vec* dy_row,
+                                                  int32_t k_begin, int32_t k_end,
+                                                  bool accumulate, float* grad_values) {
+  Vec dy[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) dy[v] = dy_row[v];
+  int32_t k = k_begin;
+  for (; k + kDotGroup <= k_end; k += kDotGroup) {
+    DotGroup<NV, kDotGroup>(row_indices + k, kDotGroup, x, stride, dy, accumulate, grad_values + k);
+  }
+  const int n = k_end - k;
+  constexpr int kQuarter = kDotGroup / 4;
+  if (n > 3 * kQuarter) {
+    DotGroup<NV, kDotGroup>(row_indices + k, n, x, stride, dy, accumulate, grad_values + k);
+  } else if (n > 2 * kQuarter) {
+    DotGroup<NV, 3 * kQuarter>(row_indices + k, n, x, stride, dy, accumulate, grad_values + k);
+  } else if (n > kQuarter) {
+    DotGroup<NV, 2 * kQuarter>(row_indices + k, n, x, stride, dy, accumulate, grad_values + k);
+  } else if (n > 0) {
+    DotGroup<NV, kQuarter>(row_indices + k, n, x, stride, dy, accumulate, grad_values + k);
   }
 }
 
-// The widest row (in Vecs) DotColumnNarrow keeps in registers beside
+// The widest chunk (in Vecs) DotColumnChunk keeps in registers beside
 // kDotGroup accumulators and one operand.
 constexpr int kDotMaxNarrowNv = kMaxAccumulators >= 16 ? 8 : 4;
 
-// DotColumnNarrow<nv> where nv <= W, else DotColumn.
+// DotColumnChunk<nv> for any nv in [1, W].
 template <int W = kDotMaxNarrowNv>
-inline void DotColumnAnyNv(const int32_t* row_indices, const Vec* x, const Vec* dy_row,
-                           int64_t nv, int32_t k_begin, int32_t k_end, float* grad_values) {
-  if constexpr (W == 0) {
-    DotColumn(row_indices, x, dy_row, nv, k_begin, k_end, grad_values);
-  } else if (nv == W) {
-    DotColumnNarrow<W>(row_indices, x, dy_row, k_begin, k_end, grad_values);
-  } else {
-    DotColumnAnyNv<W - 1>(row_indices, x, dy_row, nv, k_begin, k_end, grad_values);
+inline void DotColumnChunkAnyNv(int64_t nv, const int32_t* row_indices, const Vec* x,
+                                int64_t stride, const Vec* dy_row, int32_t k_begin,
+                                int32_t k_end, bool accumulate, float* grad_values) {
+  if constexpr (W > 1) {
+    if (nv < W) {
+      return DotColumnChunkAnyNv<W - 1>(nv, row_indices, x, stride, dy_row, k_begin, k_end,
+                                        accumulate, grad_values);
+    }
+  }
+  DotColumnChunk<W>(row_indices, x, stride, dy_row, k_begin, k_end, accumulate, grad_values);
+}
+
+// Whether the SDDMM takes L1 panels (where UseL1Panels holds): a chunk of 4
+// Vecs (AVX2's registers) leaves too few FMAs per horizontal sum
+// (256x4096x4096 d 0.3 grad-values 31.0 -> 34.9 ms in the AVX2 build).
+constexpr bool kDotL1Panels = kDotMaxNarrowNv >= 8;
+
+// L1 panels one pass over the batch's chunks visits: their bounds in each
+// column are found once and serve every chunk.
+constexpr int kL1PanelsPerPass = 4;
+
+// The element-wise SDDMM of columns [j0, j1) where UseL1Panels holds: from L2
+// a non-zero's x row is one load per FMA at half the speed of L1 (perf put the
+// samples on those loads). The batch is split into chunks of kDotMaxNarrowNv
+// Vecs, and for each chunk the rows are swept in L1-sized panels; each chunk
+// adds its share to grad_values (which stay in L2 for the pass: the pass's
+// rows of a column group), so a dot product takes one horizontal sum per
+// chunk (256x4096x4096 d 0.3, AVX-512, 2 threads: 32.2 -> 25.1 ms).
+void GradValuesElementwiseL1(const BlockPattern& pattern, const Vec* x, const Vec* dy,
+                             int64_t nv, float* grad_values, int64_t j0, int64_t j1) {
+  const int64_t chunk_nv = std::min<int64_t>(nv, kDotMaxNarrowNv);
+  const int64_t l1_rows = kL1PanelBytes / (chunk_nv * sizeof(Vec));
+  const int64_t rows = pattern.input_blocks;
+  const int32_t* row_indices = pattern.row_indices;
+  for (int64_t g0 = j0; g0 < j1; g0 += kColumnGroup) {
+    const int64_t g1 = std::min(j1, g0 + kColumnGroup);
+    int32_t bounds[kColumnGroup][kL1PanelsPerPass + 1];
+    for (int64_t j = g0; j < g1; ++j) bounds[j - g0][kL1PanelsPerPass] = pattern.col_offsets[j];
+    for (int64_t p0 = 0; p0 < rows; p0 += kL1PanelsPerPass * l1_rows) {
+      for (int64_t j = g0; j < g1; ++j) {
+        int32_t* b = bounds[j - g0];
+        const int32_t col_end = pattern.col_offsets[j + 1];
+        b[0] = b[kL1PanelsPerPass];
+        for (int s = 0; s < kL1PanelsPerPass; ++s) {
+          const int64_t p1 = p0 + (s + 1) * l1_rows;
+          b[s + 1] = p1 >= rows ? col_end
+                                : PanelEnd(row_indices, b[s], col_end, static_cast<int32_t>(p1));
+        }
+        // The next pass's indices and gradients of this column, kColumnGroup
+        // columns from now (as in MatmulColumns).
+        for (int line = 0; line < 4; ++line) {
+          __builtin_prefetch(row_indices + b[kL1PanelsPerPass] + 16 * line);
+          __builtin_prefetch(grad_values + b[kL1PanelsPerPass] + 16 * line, 1);
+        }
+      }
+      for (int64_t c = 0; c < nv; c += chunk_nv) {
+        const int64_t width = std::min(chunk_nv, nv - c);
+        for (int s = 0; s < kL1PanelsPerPass; ++s) {
+          for (int64_t j = g0; j < g1; ++j) {
+            const int32_t* b = bounds[j - g0];
+            if (b[s] == b[s + 1]) continue;
+            DotColumnChunkAnyNv(width, row_indices, x + c, nv, dy + j * nv + c, b[s], b[s + 1],
+                                c > 0, grad_values);
+          }
+        }
+      }
+    }
   }
 }
 
 // The element-wise SDDMM of columns [j0, j1): each non-zero reads a random row
 // of x, so the rows are swept in L2-sized panels (a column group's dy rows are
-// read again per panel, far less than x's rows would come from L3).
+// read again per panel, far less than x's rows would come from L3), or in L1
+// panels by GradValuesElementwiseL1.
 void GradValuesElementwise(const BlockPattern& pattern, const Vec* x, const Vec* dy,
                            int64_t nv, float* grad_values, int64_t j0, int64_t j1) {
+  if (kDotL1Panels && UseL1Panels(pattern, nv, kDotMaxNarrowNv)) {
+    return GradValuesElementwiseL1(pattern, x, dy, nv, grad_values, j0, j1);
+  }
   const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (nv * sizeof(Vec)));
   SweepPanels(pattern, j0, j1, panel_rows,
               [&](int64_t j, int32_t k_begin, int32_t k_end, bool) {
-    DotColumnAnyNv(pattern.row_indices, x, dy + j * nv, nv, k_begin, k_end, grad_values);
+    if (nv > kDotMaxNarrowNv) {
+      DotColumn(pattern.row_indices, x, dy + j * nv, nv, k_begin, k_end, grad_values);
+    } else {
+      DotColumnChunkAnyNv(nv, pattern.row_indices, x, nv, dy + j * nv, k_begin, k_end, false,
+                          grad_values);
+    }
   });
 }
 
