@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -629,31 +630,57 @@ constexpr int kDotTileCols = 4;
   }
 }
 
+// Calls group(G, k, n) for the non-zeros [k_begin, k_end) of one column in
+// groups of kDotGroup, G a std::integral_constant: a group computes all its G
+// dot products (those past n repeating the last row rather than branch per
+// row), so the last few take the smallest of 1/4, 1/2 or 3/4 kDotGroup that
+// holds them (256x4096x4096 grad-values, AVX-512: d 0.1 13.3 -> 11.8 ms with
+// 26 non-zeros per column and L2 panel; at d 0.3 a full group for the last 3
+// of 19 per L1 panel cost a quarter of the time). group must be always_inline
+// (called, it cost d 0.3 15%).
+template <typename Group>
+[[gnu::always_inline]] inline void ForEachDotGroup(int32_t k_begin, int32_t k_end, Group&& group) {
+  int32_t k = k_begin;
+  for (; k + kDotGroup <= k_end; k += kDotGroup) {
+    group(std::integral_constant<int, kDotGroup>(), k, kDotGroup);
+  }
+  const int n = k_end - k;
+  constexpr int kQuarter = kDotGroup / 4;
+  if (n > 3 * kQuarter) {
+    group(std::integral_constant<int, kDotGroup>(), k, n);
+  } else if (n > 2 * kQuarter) {
+    group(std::integral_constant<int, 3 * kQuarter>(), k, n);
+  } else if (n > kQuarter) {
+    group(std::integral_constant<int, 2 * kQuarter>(), k, n);
+  } else if (n > 0) {
+    group(std::integral_constant<int, kQuarter>(), k, n);
+  }
+}
+
 // grad_values[k] = x row . dy_row for the element-wise non-zeros k in
-// [k_begin, k_end) of one column, kDotGroup of them sharing each load of dy.
+// [k_begin, k_end) of one column, the rows of a group sharing each load of dy.
 inline void DotColumn(const int32_t* row_indices, const Vec* x, const Vec* dy_row,
                       int64_t nv, int32_t k_begin, int32_t k_end, float* grad_values) {
   const Vec* const dy_rows[1] = {dy_row};
-  for (int32_t k = k_begin; k < k_end; k += kDotGroup) {
-    // A short last group repeats its last row rather than branch per row.
-    const int n = std::min<int32_t>(kDotGroup, k_end - k);
-    const Vec* x_rows[kDotGroup];
-    for (int e = 0; e < kDotGroup; ++e) {
-      x_rows[e] = x + int64_t{row_indices[k + std::min(e, n - 1)]} * nv;
-    }
-    Vec acc[kDotGroup][1] = {};
-    DotTile<kDotGroup, 1>(x_rows, dy_rows, nv, acc);
-    StoreDots(reinterpret_cast<const Vec(&)[kDotGroup]>(acc), n, false, grad_values + k);
-  }
+  auto group = [&](auto group_size, int32_t k, int n) __attribute__((always_inline)) {
+    constexpr int G = decltype(group_size)::value;
+    const Vec* x_rows[G];
+    for (int e = 0; e < G; ++e) x_rows[e] = x + int64_t{row_indices[k + std::min(e, n - 1)]} * nv;
+    Vec acc[G][1] = {};
+    DotTile<G, 1>(x_rows, dy_rows, nv, acc);
+    Vec sums[kDotGroup] = {};
+    for (int e = 0; e < G; ++e) sums[e] = acc[e][0];
+    StoreDots(sums, n, false, grad_values + k);
+  };
+  ForEachDotGroup(k_begin, k_end, group);
 }
 
 // Dot products DotGroup computes side by side: one at a time, each waited on
 // the FMA latency (256x4096x4096 d 0.3 grad-values 4% slower).
 constexpr int kDotInterleave = 2;
 
-// out[e] (+)= x row rows[e] . dy for e < n, on NV Vecs of each row (rows are
-// stride Vecs apart, dy is in registers). G rows are computed, those past n
-// repeating the last, so that a short group is not a branch per row.
+// out[e] (+)= x row rows[e] . dy for e < G, on NV Vecs of each row (rows are
+// stride Vecs apart, dy is in registers); rows past n repeat the last.
 template <int NV, int G>
 [[gnu::always_inline]] inline void DotGroup(const int32_t* rows, int n, const Vec* x,
                                             int64_t stride, const Vec (&dy)[NV],
@@ -675,13 +702,10 @@ template <int NV, int G>
   StoreDots(acc, n, accumulate, out);
 }
 
-// The non-zeros k in [k_begin, k_end) of one column, as DotGroup: on NV Vecs
-// of the batch, few enough that the column's dy stays in registers, so a
-// non-zero needs one x pointer (DotColumn keeps kDotGroup of them live, more
-// than there are general-purpose registers: 16x784x320 took 2.2x as long).
-// The last few non-zeros take the smallest group of 1/4, 1/2 or 3/4 kDotGroup
-// that holds them (at 19 non-zeros per column and L1 panel, a full group for
-// the last 3 cost a quarter of the time).
+// The non-zeros k in [k_begin, k_end) of one column on NV Vecs of the batch,
+// few enough that the column's dy stays in registers, so a non-zero needs one
+// x pointer (DotColumn keeps a group's pointers live, more than there are
+// general-purpose registers: 16x784x320 took 2.2x as long).
 template <int NV>
 [[gnu::always_inline]] inline void DotColumnChunk(const int32_t* row_indices, const Vec* x,
                                                   int64_t stride, const Vec* dy_row,
@@ -690,21 +714,11 @@ template <int NV>
   Vec dy[NV];
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) dy[v] = dy_row[v];
-  int32_t k = k_begin;
-  for (; k + kDotGroup <= k_end; k += kDotGroup) {
-    DotGroup<NV, kDotGroup>(row_indices + k, kDotGroup, x, stride, dy, accumulate, grad_values + k);
-  }
-  const int n = k_end - k;
-  constexpr int kQuarter = kDotGroup / 4;
-  if (n > 3 * kQuarter) {
-    DotGroup<NV, kDotGroup>(row_indices + k, n, x, stride, dy, accumulate, grad_values + k);
-  } else if (n > 2 * kQuarter) {
-    DotGroup<NV, 3 * kQuarter>(row_indices + k, n, x, stride, dy, accumulate, grad_values + k);
-  } else if (n > kQuarter) {
-    DotGroup<NV, 2 * kQuarter>(row_indices + k, n, x, stride, dy, accumulate, grad_values + k);
-  } else if (n > 0) {
-    DotGroup<NV, kQuarter>(row_indices + k, n, x, stride, dy, accumulate, grad_values + k);
-  }
+  auto group = [&](auto group_size, int32_t k, int n) __attribute__((always_inline)) {
+    DotGroup<NV, decltype(group_size)::value>(row_indices + k, n, x, stride, dy, accumulate,
+                                              grad_values + k);
+  };
+  ForEachDotGroup(k_begin, k_end, group);
 }
 
 // The widest chunk (in Vecs) DotColumnChunk keeps in registers beside
