@@ -52,7 +52,7 @@ def test_every_block_pooling_and_data_type(block_size, pooling_type, data_type):
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("block_size", [1, 8, 16])  # 8 and 16 fill an AVX2 and an AVX-512 register
 @pytest.mark.parametrize("batch", [5, 33])  # narrow batches take other kernel paths
 def test_every_kernel_build(isa, block_size, batch):
     """Each instruction set the library was built for (an unsupported one falls back)."""
