@@ -866,8 +866,13 @@ void GradValuesElementwiseL1(const BlockPattern& pattern, const Vec* x, const Ve
           for (int64_t j = g0; j < g1; ++j) {
             const int32_t* b = bounds[j - g0];
             if (b[s] == b[s + 1]) continue;
-            DotColumnChunkAnyNv(width, row_indices, x + c, nv, dy + j * nv + c, b[s], b[s + 1],
-                                c > 0, grad_values);
+            if (width == kDotMaxNarrowNv) {  // inlined: 1 thread 61.5 -> 57.0 ms at d 0.3
+              DotColumnChunk<kDotMaxNarrowNv>(row_indices, x + c, nv, dy + j * nv + c, b[s],
+                                              b[s + 1], c > 0, grad_values);
+            } else {
+              DotColumnChunkAnyNv(width, row_indices, x + c, nv, dy + j * nv + c, b[s], b[s + 1],
+                                  c > 0, grad_values);
+            }
           }
         }
       }
