@@ -227,30 +227,43 @@ void SparseMatmulGradValues(const BlockPattern& pattern, const float* lhs,
   Kernels().grad_values(pattern, lhs, grad_out, batch, grad_values, parallel_for);
 }
 
+// The larger magnitude, a NaN winning (it must reach the host, not vanish
+// here); written as a select so that the loops below vectorise.
+inline float MaxKeepingNaN(float pooled, float magnitude) {
+  return magnitude > pooled || magnitude != magnitude ? magnitude : pooled;
+}
+
+// Pools a block row down its rows first, column by column (contiguous loops the
+// compiler vectorises), then across each block's columns: element by element
+// it took 0.11 ms of a 0.28 ms pooled dense gradient at 16x784x320, block 16.
 void PoolAbsBlocks(const float* dense, int64_t rows, int64_t cols,
                    int64_t block_size, Pooling pooling, float* pooled,
                    const ParallelFor& parallel_for) {
   const int64_t pooled_rows = rows / block_size;
   const int64_t pooled_cols = cols / block_size;
   const float scale = pooling == Pooling::kAvg ? 1.0f / (block_size * block_size) : 1.0f;
-  parallel_for(pooled_rows, cols * block_size * 2, [&](int64_t begin, int64_t end) {
+  const bool max = pooling == Pooling::kMax;
+  parallel_for(pooled_rows, cols * block_size, [&](int64_t begin, int64_t end) {
+    std::vector<float> down_rows(cols);
+    float* acc = down_rows.data();
     for (int64_t i = begin; i < end; ++i) {
-      float* out = pooled + i * pooled_cols;
-      std::fill(out, out + pooled_cols, 0.0f);
-      for (int64_t r = i * block_size; r < (i + 1) * block_size; ++r) {
-        const float* row = dense + r * cols;
-        for (int64_t j = 0; j < pooled_cols; ++j) {
-          for (int64_t c = j * block_size; c < (j + 1) * block_size; ++c) {
-            const float magnitude = std::fabs(row[c]);
-            if (pooling != Pooling::kMax) {
-              out[j] += magnitude;
-            } else if (magnitude > out[j] || std::isnan(magnitude)) {
-              out[j] = magnitude;  // NaN must reach the host, not vanish here
-            }
-          }
+      const float* block_row = dense + i * block_size * cols;
+      for (int64_t c = 0; c < cols; ++c) acc[c] = std::fabs(block_row[c]);
+      for (int64_t r = 1; r < block_size; ++r) {
+        const float* row = block_row + r * cols;
+        if (max) {
+          for (int64_t c = 0; c < cols; ++c) acc[c] = MaxKeepingNaN(acc[c], std::fabs(row[c]));
+        } else {
+          for (int64_t c = 0; c < cols; ++c) acc[c] += std::fabs(row[c]);
         }
       }
-      for (int64_t j = 0; j < pooled_cols; ++j) out[j] *= scale;
+      float* out = pooled + i * pooled_cols;
+      for (int64_t j = 0; j < pooled_cols; ++j) {
+        const float* block = acc + j * block_size;
+        float v = block[0];
+        for (int64_t c = 1; c < block_size; ++c) v = max ? MaxKeepingNaN(v, block[c]) : v + block[c];
+        out[j] = v * scale;
+      }
     }
   });
 }
