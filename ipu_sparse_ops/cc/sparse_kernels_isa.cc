@@ -8,7 +8,13 @@
 //   past; the input rows are visited in panels that stay in L2 (blocks) or L1
 //   (element-wise).
 // - Grad-values (SDDMM): one chunk as wide as the batch, so each dot product
-//   reads two contiguous rows; tiles of rows share every load.
+//   reads two contiguous rows; tiles of rows share every load. Where x is large
+//   and the pattern dense, chunks of the batch sweep L1 panels and add their
+//   shares of each dot product.
+// - Blocks exactly one Vec wide (block 16 on AVX-512) pack x and dy as block
+//   rows of x^T instead ("slabs"): the SDDMM sums outer products over the batch
+//   and the forward keeps batch rows of y in registers, neither needing a
+//   horizontal sum.
 #include <algorithm>
 #include <cstring>
 #include <memory>
