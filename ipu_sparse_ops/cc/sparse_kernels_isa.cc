@@ -838,7 +838,7 @@ constexpr int kL1PanelsPerPass = 4;
 // Vecs, and for each chunk the rows are swept in L1-sized panels; each chunk
 // adds its share to grad_values (which stay in L2 for the pass: the pass's
 // rows of a column group), so a dot product takes one horizontal sum per
-// chunk (256x4096x4096 d 0.3, AVX-512, 2 threads: 32.2 -> 25.1 ms).
+// chunk (256x4096x4096 d 0.3, AVX-512, 2 threads: 32.1 -> 26.2 ms).
 void GradValuesElementwiseL1(const BlockPattern& pattern, const Vec* x, const Vec* dy,
                              int64_t nv, float* grad_values, int64_t j0, int64_t j1) {
   const int64_t chunk_nv = std::min<int64_t>(nv, kDotMaxNarrowNv);
@@ -859,8 +859,8 @@ void GradValuesElementwiseL1(const BlockPattern& pattern, const Vec* x, const Ve
           b[s + 1] = p1 >= rows ? col_end
                                 : PanelEnd(row_indices, b[s], col_end, static_cast<int32_t>(p1));
         }
-        // The next pass's indices and gradients of this column, kColumnGroup
-        // columns from now (as in MatmulColumns).
+        // This column's indices and gradients of the next pass, a pass from
+        // now (as in MatmulColumns: too many streams for the hardware).
         for (int line = 0; line < 4; ++line) {
           __builtin_prefetch(row_indices + b[kL1PanelsPerPass] + 16 * line);
           __builtin_prefetch(grad_values + b[kL1PanelsPerPass] + 16 * line, 1);
