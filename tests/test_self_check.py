@@ -64,9 +64,10 @@ def test_every_kernel_build(isa, block_size, batch):
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("batch,input_size,density", [
     (5, 1100, 0.5),      # x within one L2 panel
-    (150, 2304, 0.5),    # x past an L2 panel, dense: nine L1 panels
+    (150, 2304, 0.5),    # x past an L2 panel, dense: nine L1 panels (SDDMM chunks of 5 Vecs)
+    (250, 2304, 0.5),    # the same in chunks of 8 Vecs on AVX-512, the last padded
     (150, 2304, 0.05),   # x past an L2 panel, sparse: two L2 panels
-], ids=["one-panel", "l1-panels", "l2-panels"])
+], ids=["one-panel", "l1-panels", "l1-panels-wide", "l2-panels"])
 def test_element_wise_panels_every_kernel_build(isa, batch, input_size, density):
     """The element-wise forward and grad-values sweep x in panels, whichever sizes the shape picks,
     on every kernel build (the row split is the same for 4, 8 and 16 lanes here)."""

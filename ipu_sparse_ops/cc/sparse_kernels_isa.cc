@@ -300,13 +300,15 @@ constexpr int64_t kPanelBytes = 256 * 1024;
 // and the SDDMM alike. Where x is larger than an L2 panel and the pattern
 // dense enough, chunks of the batch (at most max_chunk_nv Vecs) in panels
 // that stay in L1 feed the FMAs faster (256x4096x4096 d 0.3, 32 KB-L1 EPYC:
-// forward 27.9 -> 23.8 ms); a sparser pattern would leave each column so few
-// non-zeros per panel that the per-panel work (accumulators loaded and stored,
-// horizontal sums) costs more, and an x that fits one L2 panel is near already
-// (16x784x320: 22 -> 33 us with L1 panels).
+// forward 27.9 -> 23.8 ms; d 0.1, 6 non-zeros per column and panel, forward
+// 9.9 -> 9.5, grad-values 12.3 -> 11.3); a sparser pattern would leave each
+// column so few non-zeros per panel that the per-panel work (accumulators
+// loaded and stored, horizontal sums) costs more (d 0.05, 3 per panel: forward
+// 5.8 -> 7.7 ms), and an x that fits one L2 panel is near already (16x784x320:
+// 22 -> 33 us with L1 panels).
 constexpr int64_t kL1PanelBytes = 32 * 1024;
 constexpr int kL1PanelMaxNv = 8;
-constexpr double kL1PanelMinNonZeros = 16;  // per column and panel
+constexpr double kL1PanelMinNonZeros = 4;  // per column and panel
 
 bool UseL1Panels(const BlockPattern& pattern, int64_t nv, int64_t max_chunk_nv) {
   if (pattern.block_size != 1 || pattern.input_blocks * nv * int64_t{sizeof(Vec)} <= kPanelBytes) {
@@ -809,18 +811,14 @@ template <int NV>
 // kDotGroup accumulators and one operand.
 constexpr int kDotMaxNarrowNv = kMaxAccumulators >= 16 ? 8 : 4;
 
-// DotColumnChunk<nv> for any nv in [1, W].
-template <int W = kDotMaxNarrowNv>
-inline void DotColumnChunkAnyNv(int64_t nv, const int32_t* row_indices, const Vec* x,
-                                int64_t stride, const Vec* dy_row, int32_t k_begin,
-                                int32_t k_end, bool accumulate, float* grad_values) {
+// Calls f(std::integral_constant<int, nv>()) for any nv in [1, W]: the kernels
+// keep a chunk of nv Vecs in registers, so nv must be a constant.
+template <int W = kDotMaxNarrowNv, typename F>
+inline void WithNarrowNv(int64_t nv, F&& f) {
   if constexpr (W > 1) {
-    if (nv < W) {
-      return DotColumnChunkAnyNv<W - 1>(nv, row_indices, x, stride, dy_row, k_begin, k_end,
-                                        accumulate, grad_values);
-    }
+    if (nv < W) return WithNarrowNv<W - 1>(nv, std::forward<F>(f));
   }
-  DotColumnChunk<W>(row_indices, x, stride, dy_row, k_begin, k_end, accumulate, grad_values);
+  f(std::integral_constant<int, W>());
 }
 
 // Whether the SDDMM takes L1 panels (where UseL1Panels holds): a chunk of 4
@@ -834,15 +832,17 @@ constexpr int kL1PanelsPerPass = 4;
 
 // The element-wise SDDMM of columns [j0, j1) where UseL1Panels holds: from L2
 // a non-zero's x row is one load per FMA at half the speed of L1 (perf put the
-// samples on those loads). The batch is split into chunks of kDotMaxNarrowNv
-// Vecs, and for each chunk the rows are swept in L1-sized panels; each chunk
-// adds its share to grad_values (which stay in L2 for the pass: the pass's
-// rows of a column group), so a dot product takes one horizontal sum per
-// chunk (256x4096x4096 d 0.3, AVX-512, 2 threads: 32.1 -> 26.2 ms).
-void GradValuesElementwiseL1(const BlockPattern& pattern, const Vec* x, const Vec* dy,
-                             int64_t nv, float* grad_values, int64_t j0, int64_t j1) {
-  const int64_t chunk_nv = std::min<int64_t>(nv, kDotMaxNarrowNv);
-  const int64_t l1_rows = kL1PanelBytes / (chunk_nv * sizeof(Vec));
+// samples on those loads). x and dy are packed in chunks of NV Vecs, and for
+// each chunk the rows are swept in L1-sized panels; each chunk adds its share
+// to grad_values (which stay in L2 for the pass: the pass's rows of a column
+// group), so a dot product takes one horizontal sum per chunk. A panel must be
+// contiguous: as NV-Vec runs of rows one batch-wide chunk apart, it fell on
+// half of L1's sets (256x4096x4096 d 0.3, AVX-512, 2 threads: 32.1 -> 26.2 ms
+// with L1 panels, -> 21.9 ms with contiguous ones).
+template <int NV>
+void GradValuesElementwiseL1(const BlockPattern& pattern, const Packed& x, const Packed& dy,
+                             float* grad_values, int64_t j0, int64_t j1) {
+  const int64_t l1_rows = kL1PanelBytes / (NV * sizeof(Vec));
   const int64_t rows = pattern.input_blocks;
   const int32_t* row_indices = pattern.row_indices;
   for (int64_t g0 = j0; g0 < j1; g0 += kColumnGroup) {
@@ -866,19 +866,13 @@ void GradValuesElementwiseL1(const BlockPattern& pattern, const Vec* x, const Ve
           __builtin_prefetch(grad_values + b[kL1PanelsPerPass] + 16 * line, 1);
         }
       }
-      for (int64_t c = 0; c < nv; c += chunk_nv) {
-        const int64_t width = std::min(chunk_nv, nv - c);
+      for (int64_t c = 0; c < x.chunks(); ++c) {
         for (int s = 0; s < kL1PanelsPerPass; ++s) {
           for (int64_t j = g0; j < g1; ++j) {
             const int32_t* b = bounds[j - g0];
             if (b[s] == b[s + 1]) continue;
-            if (width == kDotMaxNarrowNv) {  // inlined: 1 thread 61.5 -> 57.0 ms at d 0.3
-              DotColumnChunk<kDotMaxNarrowNv>(row_indices, x + c, nv, dy + j * nv + c, b[s],
-                                              b[s + 1], c > 0, grad_values);
-            } else {
-              DotColumnChunkAnyNv(width, row_indices, x + c, nv, dy + j * nv + c, b[s], b[s + 1],
-                                  c > 0, grad_values);
-            }
+            DotColumnChunk<NV>(row_indices, x.chunk(c), NV, dy.chunk(c) + j * NV, b[s],
+                               b[s + 1], c > 0, grad_values);
           }
         }
       }
@@ -886,23 +880,41 @@ void GradValuesElementwiseL1(const BlockPattern& pattern, const Vec* x, const Ve
   }
 }
 
-// The element-wise SDDMM of columns [j0, j1): each non-zero reads a random row
-// of x, so the rows are swept in L2-sized panels (a column group's dy rows are
-// read again per panel, far less than x's rows would come from L3), or in L1
-// panels by GradValuesElementwiseL1.
+// The element-wise SDDMM in L1 panels: chunks of equal width (the fewest of at
+// most kDotMaxNarrowNv Vecs), so the padding is under one Vec per chunk.
+void GradValuesInL1Panels(const BlockPattern& pattern, const float* lhs, const float* grad_out,
+                          int64_t batch, float* grad_values, const ParallelFor& parallel_for) {
+  const int64_t nv = (batch + kLanes - 1) / kLanes;
+  const int64_t chunks = (nv + kDotMaxNarrowNv - 1) / kDotMaxNarrowNv;
+  WithNarrowNv((nv + chunks - 1) / chunks, [&](auto chunk_nv) {
+    constexpr int NV = decltype(chunk_nv)::value;
+    Packed x(Operand::kFirst, batch, pattern.input_blocks, NV);
+    Packed dy(Operand::kSecond, batch, pattern.output_blocks, NV);
+    x.Pack(lhs, batch, parallel_for);
+    dy.Pack(grad_out, batch, parallel_for);
+    const int64_t blocks_per_column = pattern.num_blocks() / pattern.output_blocks + 1;
+    parallel_for(pattern.output_blocks, blocks_per_column * chunks * (2 * NV + 3),
+                 [&](int64_t begin, int64_t end) {
+      GradValuesElementwiseL1<NV>(pattern, x, dy, grad_values, begin, end);
+    });
+  });
+}
+
+// The element-wise SDDMM of columns [j0, j1) elsewhere: each non-zero reads a
+// random row of x, so the rows are swept in L2-sized panels (a column group's
+// dy rows are read again per panel, far less than x's rows would come from L3).
 void GradValuesElementwise(const BlockPattern& pattern, const Vec* x, const Vec* dy,
                            int64_t nv, float* grad_values, int64_t j0, int64_t j1) {
-  if (kDotL1Panels && UseL1Panels(pattern, nv, kDotMaxNarrowNv)) {
-    return GradValuesElementwiseL1(pattern, x, dy, nv, grad_values, j0, j1);
-  }
   const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (nv * sizeof(Vec)));
   SweepPanels(pattern, j0, j1, panel_rows,
               [&](int64_t j, int32_t k_begin, int32_t k_end, bool) {
     if (nv > kDotMaxNarrowNv) {
       DotColumn(pattern.row_indices, x, dy + j * nv, nv, k_begin, k_end, grad_values);
     } else {
-      DotColumnChunkAnyNv(nv, pattern.row_indices, x, nv, dy + j * nv, k_begin, k_end, false,
-                          grad_values);
+      WithNarrowNv(nv, [&](auto narrow_nv) {
+        DotColumnChunk<decltype(narrow_nv)::value>(pattern.row_indices, x, nv, dy + j * nv,
+                                                   k_begin, k_end, false, grad_values);
+      });
     }
   });
 }
@@ -984,8 +996,11 @@ void GradValuesForBlockSize(const BlockPattern& pattern, const float* lhs,
     });
     return;
   }
-  // One chunk as wide as the batch: a dot product is then one contiguous run.
   const int64_t nv = (batch + kLanes - 1) / kLanes;
+  if (BS == 1 && kDotL1Panels && UseL1Panels(pattern, nv, kDotMaxNarrowNv)) {
+    return GradValuesInL1Panels(pattern, lhs, grad_out, batch, grad_values, parallel_for);
+  }
+  // One chunk as wide as the batch: a dot product is then one contiguous run.
   Packed x(Operand::kFirst, batch, pattern.input_blocks * BS, static_cast<int>(nv));
   Packed dy(Operand::kSecond, batch, pattern.output_blocks * BS, static_cast<int>(nv));
   x.Pack(lhs, batch, parallel_for);
