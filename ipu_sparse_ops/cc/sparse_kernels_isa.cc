@@ -823,7 +823,7 @@ inline void WithNarrowNv(int64_t nv, F&& f) {
 
 // Whether the SDDMM takes L1 panels (where UseL1Panels holds): a chunk of 4
 // Vecs (AVX2's registers) leaves few FMAs per horizontal sum (256x4096x4096
-// grad-values in the AVX2 build, min of 7 interleaved rounds: d 0.3 29.5 ->
+// grad-values in the AVX2 build, min of 4 interleaved rounds: d 0.3 29.5 ->
 // 27.7 ms, d 0.1 11.0 -> 11.8), no clear gain.
 constexpr bool kDotL1Panels = kDotMaxNarrowNv >= 8;
 
