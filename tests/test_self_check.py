@@ -62,6 +62,14 @@ def test_every_kernel_build(isa, block_size, batch):
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_blocks_past_one_batch_tile(isa):
+    """A batch of one whole tile of rows (256) and a tail of 16 + 3 rows, in the block forward."""
+    result = run_tool("--pattern", "random", "--batch-size", "275", "--input-size", "256",
+                      "--output-size", "160", "--block-size", "16", isa=isa)
+    assert result.returncode == 0 and "Results match." in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("batch,input_size,density", [
     (5, 1100, 0.5),      # x within one L2 panel
     (150, 2304, 0.5),    # x past an L2 panel, dense: nine L1 panels (SDDMM chunks of 5 Vecs)
