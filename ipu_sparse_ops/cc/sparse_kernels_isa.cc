@@ -478,14 +478,16 @@ void MatmulTiled(const BlockPattern& pattern, const float* values,
   Packed y(Operand::kSecond, batch, out_blocks * BS, NV);
   x.Pack(lhs, batch, parallel_for);
   const int64_t blocks_per_column = pattern.num_blocks() / out_blocks + 1;
-  parallel_for(x.chunks() * out_blocks, blocks_per_column * BS * BS * NV * 2,
+  // Every chunk of a column group in turn, so that the group's W, read from
+  // memory for the first chunk, comes from cache for the others (256x4096x4096
+  // d 0.3, 2 chunks, avx512: gin 34.2 -> 30.8 ms; avx2 block 8 fwd 29.2 -> 24.0).
+  parallel_for(out_blocks, blocks_per_column * BS * BS * NV * 2 * x.chunks(),
                [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end;) {
-      const int64_t c = u / out_blocks;
-      const int64_t j0 = u % out_blocks;
-      const int64_t j1 = std::min(out_blocks, j0 + (end - u));
-      MatmulColumns<BS, NV>(pattern, values, x.chunk(c), y.chunk(c), j0, j1, panel_rows);
-      u += j1 - j0;
+    for (int64_t g0 = begin; g0 < end; g0 += kColumnGroup) {
+      const int64_t g1 = std::min(end, g0 + kColumnGroup);
+      for (int64_t c = 0; c < x.chunks(); ++c) {
+        MatmulColumns<BS, NV>(pattern, values, x.chunk(c), y.chunk(c), g0, g1, panel_rows);
+      }
     }
   });
   y.Unpack(out, batch, parallel_for);
