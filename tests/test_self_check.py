@@ -63,9 +63,10 @@ def test_every_kernel_build(isa, block_size, batch):
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_blocks_past_one_batch_tile(isa):
-    """A batch of one whole tile of rows (256) and a tail of 16 + 3 rows, in the block forward."""
-    result = run_tool("--pattern", "random", "--batch-size", "275", "--input-size", "256",
-                      "--output-size", "160", "--block-size", "16", isa=isa)
+    """A W past an L2 (1.5 MB) makes the block forward take tiles of 256 batch rows: one whole
+    tile and a tail of 16 + 3 rows."""
+    result = run_tool("--pattern", "random", "--batch-size", "275", "--input-size", "1024",
+                      "--output-size", "768", "--density", "0.5", "--block-size", "16", isa=isa)
     assert result.returncode == 0 and "Results match." in result.stdout, result.stdout + result.stderr
 
 

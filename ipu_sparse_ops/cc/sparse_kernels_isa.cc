@@ -540,11 +540,19 @@ constexpr int kSlabRows = 16;
 // block 8 d 0.1 7.1 -> 9.4 ms).
 constexpr bool kSlabMatmul = kMaxAccumulators > kSlabRows;
 
-// Batch rows one work item of the slab forward covers, kSlabRows at a time:
-// W streams from memory once per tile while its column's blocks stay in cache
-// for the tile's row groups (256x4096x4096 block 16 d 0.3, 20 MB of W: forward
-// 14.8 -> 12.3 ms with 256 rows rather than 16).
+// Batch rows one work item of the slab forward covers, kSlabRows at a time,
+// where W is larger than an L2 (2 kPanelBytes): W then streams from memory
+// once per tile while its column's blocks stay in cache for the tile's row
+// groups (256x4096x4096 block 16 d 0.3, 20 MB of W: forward 14.8 -> 12.3 ms
+// with 256 rows rather than 16). A W that stays in cache anyway takes items of
+// kSlabRows, which share out more evenly (256x1024x1024 block 16 d 0.1, 410 KB
+// of W, 2 threads: 0.35 ms against 0.37 with 256 rows).
 constexpr int64_t kSlabTileRows = 256;
+
+int64_t SlabTileRows(const BlockPattern& pattern) {
+  const int64_t w_bytes = pattern.num_blocks() * kLanes * int64_t{sizeof(Vec)};
+  return w_bytes > 2 * kPanelBytes ? kSlabTileRows : kSlabRows;
+}
 
 // The forward for blocks kLanes wide: the block-row slabs of x and a work item
 // per tile of batch rows and block column, so no horizontal packing of y
@@ -553,15 +561,15 @@ void SlabMatmul(const BlockPattern& pattern, const float* values, const float* l
                 int64_t batch, float* out, const ParallelFor& parallel_for) {
   const Vec* x = PackBlockSlabs(Operand::kFirst, lhs, batch, pattern.input_blocks, parallel_for);
   const int64_t out_blocks = pattern.output_blocks;
-  const int64_t tiles = (batch + kSlabTileRows - 1) / kSlabTileRows;
+  const int64_t tile_rows = SlabTileRows(pattern);
+  const int64_t tiles = (batch + tile_rows - 1) / tile_rows;
   const int64_t blocks_per_column = pattern.num_blocks() / out_blocks + 1;
-  parallel_for(tiles * out_blocks,
-               blocks_per_column * kLanes * std::min(batch, kSlabTileRows) * 2,
+  parallel_for(tiles * out_blocks, blocks_per_column * kLanes * std::min(batch, tile_rows) * 2,
                [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t j = u % out_blocks;
-      int64_t b0 = u / out_blocks * kSlabTileRows;
-      const int64_t b1 = std::min(batch, b0 + kSlabTileRows);
+      int64_t b0 = u / out_blocks * tile_rows;
+      const int64_t b1 = std::min(batch, b0 + tile_rows);
       for (; b0 + kSlabRows <= b1; b0 += kSlabRows) {
         SlabMatmulRows<kSlabRows>(pattern, values, x, batch, b0, j, out);
       }
@@ -1006,7 +1014,7 @@ void GradValuesForBlockSize(const BlockPattern& pattern, const float* lhs,
     return;
   }
   const int64_t nv = (batch + kLanes - 1) / kLanes;
-  if (BS == 1 && kDotL1Panels && UseL1Panels(pattern, nv, kDotMaxNarrowNv)) {
+  if (kDotL1Panels && UseL1Panels(pattern, nv, kDotMaxNarrowNv)) {  // element-wise only
     return GradValuesInL1Panels(pattern, lhs, grad_out, batch, grad_values, parallel_for);
   }
   // One chunk as wide as the batch: a dot product is then one contiguous run.
