@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -196,6 +197,8 @@ def torch_csr(peers: dict, p: Problem, ref: Reference):
     autograd.Function would.
     """
     torch = peers["torch"]
+    # Said once per process, in the middle of the table: CSR is what we time.
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
     w = torch.tensor(ref.w).to_sparse_csr()
     wt = torch.tensor(np.ascontiguousarray(ref.w.T)).to_sparse_csr()
     y_t = torch.zeros(p.case.output_size, p.case.batch)  # addmm's added term, times beta = 0
